@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine: `make repro` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup repro test test-slow bench lock clean-venv
+
+setup: $(STAMP)
+
+# Rebuilt only when the lock or the project metadata change, so a second `make` installs nothing.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	pytest --cov --cov-report=term --cov-fail-under=85 -m "not slow"
+
+test-slow: $(STAMP)
+	pytest -m slow
+
+bench: $(STAMP)
+	python bench/features.py
+
+# Re-resolve pinned versions after editing dependencies in pyproject.toml (needs the registry).
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -q -o requirements.lock
+
+clean-venv:
+	rm -rf $(VENV)

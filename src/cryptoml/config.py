@@ -1,0 +1,175 @@
+"""The params.yaml schema: one typed, validated object, with the offending key named in every error."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cryptoml.paths import PARAMS
+from cryptoml.timeframe import parse_timeframe
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and key."""
+
+
+def _utc_timestamp(value: Any) -> pd.Timestamp:
+    """Accept an ISO-8601 string or datetime with an explicit UTC offset; naive times are ambiguous."""
+    if not isinstance(value, (str, dt.datetime, pd.Timestamp)):
+        raise ValueError(f"expected an ISO-8601 UTC time such as '2024-01-01T00:00:00Z', got {value!r}")
+    try:
+        ts = pd.Timestamp(value)
+    except ValueError as exc:
+        raise ValueError(f"expected an ISO-8601 UTC time such as '2024-01-01T00:00:00Z', got {value!r}") from exc
+    if ts.tzinfo is None or ts.utcoffset() != dt.timedelta(0):
+        raise ValueError(f"expected a UTC time ending in 'Z' or '+00:00', got {value!r}")
+    return ts.tz_convert("UTC")
+
+
+UtcTimestamp = Annotated[pd.Timestamp, BeforeValidator(_utc_timestamp)]
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; strict types catch "200" written for 200.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+
+
+class SyntheticSource(_Section):
+    seed: int = 7
+
+
+class CsvSource(_Section):
+    path: str = "data/external/candles.csv"
+
+
+class ExchangeSource(_Section):
+    id: str = "bitbank"
+    symbol: str = "BTC/JPY"
+    api_url: str | None = None  # override ccxt's API base URL (tests, proxies)
+    max_retries: int = Field(5, ge=0)
+    backoff_seconds: float = Field(1.0, ge=0)
+
+
+class DataParams(_Section):
+    source: Literal["synthetic", "csv", "exchange"] = "synthetic"
+    timeframe: str = "1h"
+    start: UtcTimestamp
+    end: UtcTimestamp
+    synthetic: SyntheticSource = SyntheticSource()
+    csv: CsvSource = CsvSource()
+    exchange: ExchangeSource = ExchangeSource()
+
+    @field_validator("timeframe")
+    @classmethod
+    def _known_timeframe(cls, value: str) -> str:
+        parse_timeframe(value)
+        return value
+
+    @model_validator(mode="after")
+    def _window(self) -> DataParams:
+        if self.start >= self.end:
+            raise ValueError(f"data.start ({self.start}) must be before data.end ({self.end})")
+        step = parse_timeframe(self.timeframe)
+        for key in ("start", "end"):
+            ts: pd.Timestamp = getattr(self, key)
+            if ts != ts.floor(step):
+                raise ValueError(f"data.{key} ({ts}) must be a {self.timeframe} candle boundary, e.g. {ts.floor(step)}")
+        return self
+
+
+class LabelParams(_Section):
+    horizon: int = Field(1, ge=1)
+    threshold: float = Field(3.0e-3, ge=0.0)
+
+
+class SplitParams(_Section):
+    holdout: float | str = 0.2  # a fraction of the rows, or a duration such as "90D"
+    embargo: int = Field(24, ge=0)
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout(cls, value: float | str) -> float | str:
+        if isinstance(value, str):
+            try:
+                duration = pd.Timedelta(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a fraction in (0, 1) or a duration like '90D', got {value!r}") from exc
+            if duration <= pd.Timedelta(0):
+                raise ValueError(f"the holdout duration must be positive, got {value!r}")
+        elif not 0.0 < value < 1.0:
+            raise ValueError(f"expected a fraction in (0, 1) or a duration like '90D', got {value!r}")
+        return value
+
+    @property
+    def holdout_value(self) -> float | pd.Timedelta:
+        return pd.Timedelta(self.holdout) if isinstance(self.holdout, str) else float(self.holdout)
+
+
+class CVParams(_Section):
+    n_splits: int = Field(5, ge=2)
+
+
+class ModelParams(_Section):
+    random_state: int = 42
+    n_jobs: int = Field(2, ge=1)
+    weights: dict[str, float]
+    lightgbm: dict[str, Any] = {}
+    xgboost: dict[str, Any] = {}
+    random_forest: dict[str, Any] = {}
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        from cryptoml.ensemble import validate_weights  # heavy import, only when weights are read
+
+        validate_weights(value)
+        return value
+
+    def hyperparameters(self) -> dict[str, dict[str, Any]]:
+        return {"lightgbm": self.lightgbm, "xgboost": self.xgboost, "random_forest": self.random_forest}
+
+
+class Params(_Section):
+    data: DataParams
+    label: LabelParams = LabelParams()
+    split: SplitParams = SplitParams()
+    cv: CVParams = CVParams()
+    model: ModelParams
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] in {"missing", "extra_forbidden"}:
+        message = "missing required key" if error["type"] == "missing" else "unknown key (a typo?)"
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def parse_params(raw: Any, source: str = str(PARAMS)) -> Params:
+    """Validate an already-parsed params mapping; every problem is listed with its dotted key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections (data:, label:, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(err)}" for err in exc.errors())
+        raise ParamsError(f"{source} is invalid:\n{problems}") from None
+
+
+def load_params(path: Path = PARAMS) -> Params:
+    """Read and validate params.yaml once, at the start of a stage, before any output is touched."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found: run from the repository root") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return parse_params(raw, str(path))

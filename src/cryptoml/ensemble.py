@@ -1,0 +1,624 @@
+"""ProductionEnsemble: LightGBM + XGBoost + RandomForest soft vote on the 12 FeatureManager features.
+
+A saved model is a directory of native, pickle-free files (LightGBM text, XGBoost UBJSON, a skops
+RandomForest) plus the manifest `ensemble.json`, written last, which holds every file's sha256.
+Loading checks the hashes before any file is parsed and refuses a model built for another feature
+spec. The same data and parameters give byte-identical files, so the model hash identifies a model
+across reruns.
+
+Model hash (`model_sha256`): sha256 of the canonical JSON of the manifest's `model` section, which
+holds the component files' hashes and sizes, the weights, the decision threshold, the
+hyperparameters and the feature spec, i.e. everything that decides a prediction. It leaves out
+`version_info` (git commit, data window: provenance given by the caller) and `library_versions`.
+
+Weights: all three models are always fitted, saved and evaluated; a weight of 0 only takes a model
+out of the vote, so artifacts and `component_proba` have the same shape for every weighting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import lightgbm
+import numpy as np
+import pandas as pd
+import sklearn
+import skops
+import skops.io
+import xgboost
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.utils.validation import NotFittedError, check_is_fitted
+
+from cryptoml.features import FEATURE_NAMES, FeatureManager
+from cryptoml.io import dump_json, write_bytes_atomic
+from cryptoml.paths import PRODUCTION_DIR
+
+MODEL_NAMES: tuple[str, ...] = ("lightgbm", "xgboost", "random_forest")
+DEFAULT_WEIGHTS: dict[str, float] = {"lightgbm": 0.4, "xgboost": 0.4, "random_forest": 0.2}
+DEFAULT_MODEL_PARAMS: dict[str, dict[str, Any]] = {
+    "lightgbm": {"n_estimators": 200, "learning_rate": 0.1, "max_depth": 8, "num_leaves": 31},
+    "xgboost": {"n_estimators": 200, "learning_rate": 0.1, "max_depth": 8},
+    "random_forest": {"n_estimators": 200, "max_depth": 12},
+}
+
+MANIFEST_NAME = "ensemble.json"
+MANIFEST_FORMAT = "cryptoml-ensemble/1"
+ARTIFACT_FILES: dict[str, str] = {
+    "lightgbm": "lightgbm.txt",
+    "xgboost": "xgboost.ubj",
+    "random_forest": "random_forest.skops",
+}
+
+# Keys the ensemble sets itself (seed, threads, determinism) plus their library aliases: letting
+# model_params override them would silently break reproducibility.
+_RESERVED_PARAMS: dict[str, frozenset[str]] = {
+    "lightgbm": frozenset(
+        {"random_state", "seed", "n_jobs", "num_threads", "num_thread", "nthread", "nthreads",
+         "deterministic", "force_row_wise", "force_col_wise", "verbose", "verbosity"}
+    ),
+    "xgboost": frozenset({"random_state", "seed", "n_jobs", "nthread", "tree_method", "device"}),
+    "random_forest": frozenset({"random_state", "n_jobs"}),
+}
+# Types a RandomForestClassifier file needs beyond skops' built-in trusted list; anything else is refused.
+TRUSTED_SKOPS_TYPES: frozenset[str] = frozenset({"sklearn.tree._tree.Tree"})
+# Earliest date a zip entry can carry; used instead of the wall clock so files are byte-reproducible.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_LISTED_ROWS = 5
+_FITTED_ATTRIBUTES = ("lightgbm_booster_", "xgboost_booster_", "random_forest_", "weights_")
+
+
+class ArtifactError(Exception):
+    """A saved model is missing, truncated, modified, malformed or built for other features."""
+
+
+def validate_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Weights normalised to sum 1; all three models must be named, so a typo cannot drop one."""
+    unknown = sorted(str(name) for name in weights if name not in MODEL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown model name(s) in weights: {unknown}; expected exactly {list(MODEL_NAMES)}")
+    missing = [name for name in MODEL_NAMES if name not in weights]
+    if missing:
+        raise ValueError(f"weights lack model(s) {missing}: give all of {list(MODEL_NAMES)} (0 takes a model out of the vote)")
+    values: dict[str, float] = {}
+    for name in MODEL_NAMES:
+        values[name] = _as_float(weights[name])
+        if not (math.isfinite(values[name]) and values[name] >= 0):
+            raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {weights[name]!r}")
+    total = sum(values.values())
+    if total == 0:
+        raise ValueError(f"all weights are 0: at least one of {list(MODEL_NAMES)} must vote")
+    return {name: value / total for name, value in values.items()}
+
+
+def _as_float(value: Any) -> float:
+    """The value as a float, NaN for anything that is not a number, so callers give one clear error."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _validated_threshold(threshold: Any) -> float:
+    value = _as_float(threshold)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"decision_threshold must be in (0, 1): 'up' is predicted when P(up) >= it; got {threshold!r}")
+    return value
+
+
+def _validated_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    in_range = isinstance(value, (int, np.integer)) and low <= value and (high is None or value <= high)
+    if isinstance(value, bool) or not in_range:
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+    return int(value)
+
+
+def _enforced_params(name: str, random_state: int, n_jobs: int) -> dict[str, Any]:
+    """Seed, thread count and the switches that make each library reproducible run to run."""
+    per_model: dict[str, dict[str, Any]] = {
+        "lightgbm": {"deterministic": True, "force_row_wise": True, "verbose": -1},
+        "xgboost": {"tree_method": "hist"},
+        "random_forest": {},
+    }
+    return {"random_state": random_state, "n_jobs": n_jobs, **per_model[name]}
+
+
+def _library_params(
+    model_params: Mapping[str, Mapping[str, Any]] | None, random_state: Any, n_jobs: Any
+) -> dict[str, dict[str, Any]]:
+    """Constructor arguments of each library model: defaults, then the caller's, then the enforced ones."""
+    seed = _validated_int("random_state", random_state, 0, 2**31 - 1)
+    threads = _validated_int("n_jobs", n_jobs, 1)
+    overrides = dict(model_params or {})
+    unknown = sorted(str(name) for name in overrides if name not in MODEL_NAMES)
+    if unknown:
+        raise ValueError(f"unknown model name(s) in model_params: {unknown}; expected some of {list(MODEL_NAMES)}")
+    resolved: dict[str, dict[str, Any]] = {}
+    for name in MODEL_NAMES:
+        given = overrides.get(name) or {}
+        if not isinstance(given, Mapping):
+            raise ValueError(f"model_params[{name!r}] must be a mapping of hyperparameters, got {type(given).__name__}")
+        reserved = sorted(set(given) & _RESERVED_PARAMS[name])
+        if reserved:
+            raise ValueError(
+                f"model_params[{name!r}] sets {reserved}: seeds, threads and determinism are set by the "
+                "ensemble (use ProductionEnsemble(random_state=..., n_jobs=...))"
+            )
+        resolved[name] = {**DEFAULT_MODEL_PARAMS[name], **given, **_enforced_params(name, seed, threads)}
+    return resolved
+
+
+def _caller_params(hyperparameters: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Inverse of `_library_params`: the part of each model's arguments that model_params controls."""
+    return {
+        name: {key: value for key, value in hyperparameters[name].items() if key not in _enforced_params(name, 0, 1)}
+        for name in MODEL_NAMES
+    }
+
+
+def _library_versions() -> dict[str, str]:
+    return {
+        "lightgbm": lightgbm.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "skops": skops.__version__,
+        "xgboost": xgboost.__version__,
+    }
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def _feature_matrix(X: Any) -> np.ndarray:
+    """The features as a C-contiguous float64 matrix in FEATURE_NAMES order; refuses anything ambiguous."""
+    is_frame = isinstance(X, pd.DataFrame)
+    matrix = _frame_matrix(X) if is_frame else _array_matrix(X)
+    if len(matrix) == 0:
+        raise ValueError("X has no rows")
+    bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if bad_rows.size:
+        first = bad_rows[:_LISTED_ROWS]
+        named = f"index labels {[str(label) for label in X.index[first]]}" if is_frame else f"positions {first.tolist()}"
+        bad_columns = [FEATURE_NAMES[j] for j in np.flatnonzero(~np.isfinite(matrix[bad_rows]).all(axis=0))]
+        raise ValueError(
+            f"{bad_rows.size} row(s) contain NaN or inf (first {named}; in columns {bad_columns}): "
+            "drop or fill them before the model sees them"
+        )
+    return matrix
+
+
+def _frame_matrix(frame: pd.DataFrame) -> np.ndarray:
+    columns = list(frame.columns)
+    duplicated = sorted({str(column) for column in columns if columns.count(column) > 1})
+    if duplicated:
+        raise ValueError(f"feature frame has duplicated columns {duplicated}")
+    missing = [name for name in FEATURE_NAMES if name not in columns]
+    unexpected = [str(column) for column in columns if column not in FEATURE_NAMES]
+    if missing or unexpected:
+        raise ValueError(
+            f"feature frame columns differ from the {len(FEATURE_NAMES)} FeatureManager features: "
+            f"missing {missing}, unexpected {unexpected}"
+        )
+    non_numeric = [
+        str(name)
+        for name, dtype in frame.dtypes.items()
+        if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+    ]
+    if non_numeric:
+        raise ValueError(f"feature columns {non_numeric} are not numeric")
+    # Reordered on the NumPy side: pandas column selection costs more than the three models on one row.
+    values = frame.to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.ascontiguousarray(values[:, [columns.index(name) for name in FEATURE_NAMES]])
+
+
+def _array_matrix(X: Any) -> np.ndarray:
+    matrix = np.asarray(X, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] != len(FEATURE_NAMES):
+        raise ValueError(
+            f"expected a 2-D array of shape (n_rows, {len(FEATURE_NAMES)}) with columns in FeatureManager "
+            f"order {list(FEATURE_NAMES)}, got shape {matrix.shape}"
+        )
+    return np.ascontiguousarray(matrix)
+
+
+def _binary_labels(y: Any, X: Any, n_rows: int) -> np.ndarray:
+    if isinstance(X, pd.DataFrame) and isinstance(y, pd.Series) and not X.index.equals(y.index):
+        raise ValueError("y's index differs from X's: align labels with feature rows before fitting")
+    labels = np.asarray(y)
+    if labels.shape != (n_rows,):
+        raise ValueError(f"y must be 1-D with one label per row of X ({n_rows} rows), got shape {labels.shape}")
+    present = pd.unique(labels).tolist()
+    invalid = [value for value in present if value not in (0, 1)]
+    if invalid:
+        raise ValueError(f"labels must be 0 (not up) or 1 (up), got {invalid[:_LISTED_ROWS]}")
+    if len(present) < 2:
+        raise ValueError(f"y contains only class {int(present[0])}: both 0 and 1 are needed to train a classifier")
+    return labels.astype(np.int64)
+
+
+# --- native serialisation -----------------------------------------------------------------------
+
+
+def _lightgbm_bytes(booster: lightgbm.Booster) -> bytes:
+    return booster.model_to_string().encode("utf-8")
+
+
+def _xgboost_bytes(booster: xgboost.Booster) -> bytes:
+    return bytes(booster.save_raw("ubj"))
+
+
+def _random_forest_bytes(forest: RandomForestClassifier) -> bytes:
+    return _canonical_skops(skops.io.dumps(forest))
+
+
+def _canonical_skops(data: bytes) -> bytes:
+    """Rewrite a skops zip so its bytes depend only on the model.
+
+    skops names each array entry and `__id__` after the in-memory address (`id()`) of the object and
+    stamps entries with the wall clock; both are replaced by their order of appearance in the schema
+    and a fixed date. The content is unchanged, so skops loads the result like the original.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as source:
+        new_ids: dict[int, int] = {}
+        new_files: dict[str, str] = {}
+        schema = _renumbered(json.loads(source.read("schema.json")), new_ids, new_files)
+        entries = [("schema.json", json.dumps(schema, indent=2).encode())]
+        entries += [(new_name, source.read(old_name)) for old_name, new_name in new_files.items()]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as target:
+        for name, payload in entries:
+            entry = zipfile.ZipInfo(name, date_time=_ZIP_EPOCH)
+            entry.create_system = 3  # Unix, whatever machine writes the file
+            entry.external_attr = 0o644 << 16
+            target.writestr(entry, payload)
+    return buffer.getvalue()
+
+
+def _renumbered(node: Any, new_ids: dict[int, int], new_files: dict[str, str]) -> Any:
+    if isinstance(node, list):
+        return [_renumbered(item, new_ids, new_files) for item in node]
+    if not isinstance(node, dict):
+        return node
+    renamed: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "__id__" and isinstance(value, int):
+            renamed[key] = new_ids.setdefault(value, len(new_ids) + 1)  # skops reads id 0 as "no id"
+        elif key == "file" and isinstance(value, str):
+            renamed[key] = new_files.setdefault(value, f"{len(new_files)}{PurePosixPath(value).suffix}")
+        else:
+            renamed[key] = _renumbered(value, new_ids, new_files)
+    return renamed
+
+
+def _parse_lightgbm(data: bytes) -> lightgbm.Booster:
+    return lightgbm.Booster(model_str=data.decode("utf-8"))
+
+
+def _parse_xgboost(data: bytes) -> xgboost.Booster:
+    booster = xgboost.Booster()
+    booster.load_model(bytearray(data))
+    return booster
+
+
+def _parse_random_forest(data: bytes) -> RandomForestClassifier:
+    """Unpack with an explicit allowlist: skops refuses any type it was not told to trust."""
+    untrusted = set(skops.io.get_untrusted_types(data=data))
+    refused = sorted(untrusted - TRUSTED_SKOPS_TYPES)
+    if refused:
+        raise ValueError(f"contains types outside the allowlist {sorted(TRUSTED_SKOPS_TYPES)}: {refused}")
+    forest = skops.io.loads(data, trusted=sorted(TRUSTED_SKOPS_TYPES))
+    if not isinstance(forest, RandomForestClassifier) or forest.classes_.tolist() != [0, 1]:
+        raise ValueError(f"expected a RandomForestClassifier over classes [0, 1], got {type(forest).__name__}")
+    return forest
+
+
+def _forest_up_probability(forest: RandomForestClassifier, matrix: np.ndarray) -> np.ndarray:
+    """P(up) of the forest: the sum RandomForestClassifier.predict_proba computes, in this thread.
+
+    Same float32 input, per-tree values (`tree_.predict` is what DecisionTreeClassifier.predict_proba
+    returns for one output) and summation order as sklearn with n_jobs=1, without the per-call
+    thread-pool start-up and per-tree fitted-checks that cost more than the trees on a single row.
+    """
+    as_float32 = matrix.astype(np.float32)
+    total = np.zeros(len(matrix))
+    for tree in forest.estimators_:
+        total += tree.tree_.predict(as_float32)[:, 1]
+    return total / len(forest.estimators_)
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sha256: str
+    size: int
+
+
+class _ModelSection(BaseModel):
+    """Everything that decides a prediction; its hash is the model hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    weights: dict[str, float]
+    decision_threshold: float
+    random_state: int
+    n_jobs: int
+    hyperparameters: dict[str, dict[str, Any]]
+    feature_names: list[str]
+    feature_spec_hash: str
+    feature_manager_version: str
+    files: dict[str, _FileEntry]
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return _sha256(canonical.encode())
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: str
+    model_sha256: str
+    model: _ModelSection
+    library_versions: dict[str, str]
+    version_info: dict[str, Any]
+
+
+def _json_ready(value: Any, what: str) -> Any:
+    """A plain-JSON copy (numpy scalars unwrapped), so the manifest is exact and stable."""
+
+    def unwrap(item: Any) -> Any:
+        if isinstance(item, np.generic):
+            return item.item()
+        raise TypeError(f"{type(item).__name__} is not JSON-serialisable")
+
+    try:
+        return json.loads(json.dumps(value, default=unwrap, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} must be plain JSON data (str, finite numbers, bool, None, lists, dicts): {exc}") from exc
+
+
+def _read_manifest(directory: Path) -> _Manifest:
+    path = directory / MANIFEST_NAME
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: manifest missing, so there is no complete model in {directory}") from None
+    try:
+        manifest = _Manifest.model_validate_json(text)
+    except ValidationError as exc:
+        raise ArtifactError(f"{path}: not a valid {MANIFEST_FORMAT} manifest: {exc}") from None
+    if manifest.format != MANIFEST_FORMAT:
+        raise ArtifactError(f"{path}: format {manifest.format!r}, this code reads {MANIFEST_FORMAT!r}")
+    if manifest.model.sha256() != manifest.model_sha256:
+        raise ArtifactError(
+            f"{path}: model_sha256 {manifest.model_sha256} does not match the hash of its model section "
+            f"({manifest.model.sha256()}): the manifest was edited"
+        )
+    if set(manifest.model.files) != set(ARTIFACT_FILES.values()):
+        raise ArtifactError(f"{path}: lists files {sorted(manifest.model.files)}, expected {sorted(ARTIFACT_FILES.values())}")
+    feature_manager = FeatureManager()
+    if manifest.model.feature_spec_hash != feature_manager.spec_hash():
+        raise ArtifactError(
+            f"{path}: the model was trained on feature spec {manifest.model.feature_spec_hash} "
+            f"(FeatureManager {manifest.model.feature_manager_version}) but the current FeatureManager "
+            f"{feature_manager.version} has spec {feature_manager.spec_hash()}: retrain the model"
+        )
+    return manifest
+
+
+def _read_verified(path: Path, expected: _FileEntry) -> bytes:
+    """The file's bytes, only if their size and sha256 match the manifest."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing (listed in {MANIFEST_NAME})") from None
+    if len(data) != expected.size:
+        raise ArtifactError(f"{path}: {len(data)} bytes, the manifest says {expected.size} (truncated or overwritten)")
+    actual = _sha256(data)
+    if actual != expected.sha256:
+        raise ArtifactError(f"{path}: sha256 {actual} differs from the manifest's {expected.sha256} (modified)")
+    return data
+
+
+# --- the estimator ------------------------------------------------------------------------------
+
+
+class ProductionEnsemble(ClassifierMixin, BaseEstimator):
+    """Weighted soft vote of LightGBM, XGBoost and RandomForest on P(up); labels are 0 and 1.
+
+    `weights`, `model_params`, `random_state` and `n_jobs` take effect at fit (`weights_` holds the
+    normalised weights); `decision_threshold` and `n_jobs` (LightGBM and XGBoost threads; the forest
+    predicts in the calling thread) are read at every prediction, so both can be changed on a fitted
+    or loaded model with set_params.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        model_params: Mapping[str, Mapping[str, Any]] | None = None,
+        decision_threshold: float = 0.5,
+        random_state: int = 42,
+        n_jobs: int = 1,
+    ) -> None:
+        self.weights = weights
+        self.model_params = model_params
+        self.decision_threshold = decision_threshold
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def fit(self, X: Any, y: Any) -> ProductionEnsemble:
+        """Fit the three models on the same rows, each seeded and deterministic, so refits are identical."""
+        weights = validate_weights(DEFAULT_WEIGHTS if self.weights is None else self.weights)
+        _validated_threshold(self.decision_threshold)
+        params = _library_params(self.model_params, self.random_state, self.n_jobs)
+        matrix = _feature_matrix(X)
+        labels = _binary_labels(y, X, len(matrix))
+        boosted = lightgbm.LGBMClassifier(**params["lightgbm"]).fit(matrix, labels, feature_name=list(FEATURE_NAMES))
+        gradient = xgboost.XGBClassifier(**params["xgboost"]).fit(matrix, labels)
+        forest = RandomForestClassifier(**params["random_forest"]).fit(matrix, labels)
+        xgboost_booster = gradient.get_booster()
+        xgboost_booster.feature_names = list(FEATURE_NAMES)
+        self._set_fitted(boosted.booster_, xgboost_booster, forest, weights)
+        self.library_versions_ = _library_versions()
+        self.model_sha256_ = None
+        self.version_info_ = {}
+        return self
+
+    def _set_fitted(
+        self,
+        lightgbm_booster: lightgbm.Booster,
+        xgboost_booster: xgboost.Booster,
+        forest: RandomForestClassifier,
+        weights: dict[str, float],
+    ) -> None:
+        self.lightgbm_booster_ = lightgbm_booster
+        self.xgboost_booster_ = xgboost_booster
+        self.random_forest_ = forest
+        self.weights_ = weights
+        self.classes_ = np.array([0, 1])
+        self.n_features_in_ = len(FEATURE_NAMES)
+        self.feature_names_in_ = np.asarray(FEATURE_NAMES, dtype=object)
+
+    @property
+    def is_fitted(self) -> bool:
+        try:
+            check_is_fitted(self, _FITTED_ATTRIBUTES)
+        except NotFittedError:
+            return False
+        return True
+
+    def component_proba(self, X: Any) -> dict[str, np.ndarray]:
+        """P(up) of each component model, in MODEL_NAMES order."""
+        check_is_fitted(self, _FITTED_ATTRIBUTES)
+        return self._component_proba(_feature_matrix(X))
+
+    def _component_proba(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
+        threads = _validated_int("n_jobs", self.n_jobs, 1)
+        self.xgboost_booster_.set_param("nthread", threads)
+        return {
+            "lightgbm": self.lightgbm_booster_.predict(matrix, num_threads=threads),
+            "xgboost": self.xgboost_booster_.inplace_predict(matrix).astype(np.float64),
+            "random_forest": _forest_up_probability(self.random_forest_, matrix),
+        }
+
+    def _up_probability(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, _FITTED_ATTRIBUTES)
+        components = self._component_proba(_feature_matrix(X))
+        up = np.zeros(len(components["lightgbm"]))
+        for name in MODEL_NAMES:
+            up += self.weights_[name] * components[name]
+        return up
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Columns P(class 0), P(class 1): the weighted average of the components' probabilities."""
+        up = self._up_probability(X)
+        return np.column_stack([1.0 - up, up])
+
+    def predict(self, X: Any) -> np.ndarray:
+        """1 where P(up) >= decision_threshold: the same P(up) as predict_proba, so the two always agree."""
+        threshold = _validated_threshold(self.decision_threshold)
+        is_up = self._up_probability(X) >= threshold
+        return self.classes_[is_up.astype(np.int64)]
+
+    def _model_section(self, files: dict[str, _FileEntry]) -> _ModelSection:
+        feature_manager = FeatureManager()
+        hyperparameters = _json_ready(_library_params(self.model_params, self.random_state, self.n_jobs), "model_params")
+        validated = hyperparameters["random_forest"]  # any model's arguments hold the checked seed and threads
+        return _ModelSection(
+            weights=self.weights_,
+            decision_threshold=_validated_threshold(self.decision_threshold),
+            random_state=validated["random_state"],
+            n_jobs=validated["n_jobs"],
+            hyperparameters=hyperparameters,
+            feature_names=list(FEATURE_NAMES),
+            feature_spec_hash=feature_manager.spec_hash(),
+            feature_manager_version=feature_manager.version,
+            files=files,
+        )
+
+    def get_model_info(self) -> dict[str, Any]:
+        """What the model is and where it came from; model_sha256 and version_info are those of the last save or load."""
+        check_is_fitted(self, _FITTED_ATTRIBUTES)
+        return {
+            **self._model_section(files={}).model_dump(exclude={"files"}),
+            "model_sha256": self.model_sha256_,
+            "version_info": dict(self.version_info_),
+            "library_versions": dict(self.library_versions_),
+        }
+
+    def save(self, path: Path, version_info: Mapping[str, Any] | None = None) -> str:
+        """Write the model directory and return its model hash ("sha256:<hex>").
+
+        The old manifest is removed first and the new one written last, each file atomically, so an
+        interrupted save leaves a directory that load refuses rather than a mix of two models.
+        """
+        check_is_fitted(self, _FITTED_ATTRIBUTES)
+        provenance = _json_ready(dict(version_info or {}), "version_info")
+        payloads = {
+            ARTIFACT_FILES["lightgbm"]: _lightgbm_bytes(self.lightgbm_booster_),
+            ARTIFACT_FILES["xgboost"]: _xgboost_bytes(self.xgboost_booster_),
+            ARTIFACT_FILES["random_forest"]: _random_forest_bytes(self.random_forest_),
+        }
+        section = self._model_section({name: _FileEntry(sha256=_sha256(data), size=len(data)) for name, data in payloads.items()})
+        library_versions = _library_versions()
+        manifest = _Manifest(
+            format=MANIFEST_FORMAT,
+            model_sha256=section.sha256(),
+            model=section,
+            library_versions=library_versions,
+            version_info=provenance,
+        )
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        for name, data in payloads.items():
+            write_bytes_atomic(directory / name, data)
+        write_bytes_atomic(directory / MANIFEST_NAME, dump_json(manifest.model_dump(mode="json")).encode())
+        self.model_sha256_ = manifest.model_sha256
+        self.version_info_ = provenance
+        self.library_versions_ = library_versions
+        return manifest.model_sha256
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ProductionEnsemble:
+        """Load a saved model (default: models/production under the working directory).
+
+        Every file's size and sha256 are checked against the manifest before it is parsed; any
+        problem is an ArtifactError naming the file. There is no fallback model.
+        """
+        directory = PRODUCTION_DIR if path is None else Path(path)
+        manifest = _read_manifest(directory)
+        payloads = {name: _read_verified(directory / name, entry) for name, entry in manifest.model.files.items()}
+        parsers = {"lightgbm": _parse_lightgbm, "xgboost": _parse_xgboost, "random_forest": _parse_random_forest}
+        components: dict[str, Any] = {}
+        for model_name, file_name in ARTIFACT_FILES.items():
+            try:
+                components[model_name] = parsers[model_name](payloads[file_name])
+            except Exception as exc:  # the libraries raise their own error types; all mean "unusable file"
+                raise ArtifactError(f"{directory / file_name}: hash verified but the file cannot be loaded: {exc}") from exc
+        section = manifest.model
+        model = cls(
+            weights=section.weights,
+            model_params=_caller_params(section.hyperparameters),
+            decision_threshold=section.decision_threshold,
+            random_state=section.random_state,
+            n_jobs=section.n_jobs,
+        )
+        model._set_fitted(components["lightgbm"], components["xgboost"], components["random_forest"], dict(section.weights))
+        model.model_sha256_ = manifest.model_sha256
+        model.version_info_ = dict(manifest.version_info)
+        model.library_versions_ = dict(manifest.library_versions)
+        return model
