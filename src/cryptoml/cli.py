@@ -64,3 +64,12 @@ def features() -> None:
     from cryptoml.pipeline import run_features
 
     run_features()
+
+
+@app.command()
+@_command
+def train(params_file: ParamsOption = paths.PARAMS) -> None:
+    """Cross-validate and fit the ensemble on the training part; write models/training/ and metrics/train.json."""
+    from cryptoml.pipeline import run_train
+
+    run_train(load_params(params_file))

@@ -1,0 +1,37 @@
+"""Atomic writes: complete new bytes or untouched old bytes, never a partial file, normal permissions."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from cryptoml.io import atomic_path, dump_json, write_bytes_atomic, write_json_atomic
+
+
+def test_failed_write_leaves_old_bytes_and_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash in the middle")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_write_creates_parents_and_readable_file(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "out.bin"
+    write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) & 0o044 == 0o044  # group and others may read
+
+
+def test_json_is_canonical_and_refuses_nan(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    write_json_atomic(target, {"b": 1, "a": [1.5]})
+    assert target.read_text() == '{\n  "a": [\n    1.5\n  ],\n  "b": 1\n}\n'
+    assert json.loads(target.read_text()) == {"a": [1.5], "b": 1}
+    with pytest.raises(ValueError):
+        dump_json({"x": float("nan")})

@@ -1,0 +1,65 @@
+"""The train stage under real dvc: deterministic reruns, provenance in the metadata, tamper refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cryptoml.ensemble import ArtifactError, ProductionEnsemble
+from tests.repo import commit_all, make_repo, run
+
+pytestmark = pytest.mark.e2e
+
+# Small but real: three months of hourly candles and small forests keep each run to a few seconds.
+FAST_TRAINING = {
+    "data.start": "2024-01-01T00:00:00Z",
+    "data.end": "2024-04-01T00:00:00Z",
+    "cv.n_splits": 3,
+    "model.lightgbm.n_estimators": 20,
+    "model.xgboost.n_estimators": 20,
+    "model.random_forest.n_estimators": 20,
+}
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = make_repo(tmp_path_factory.mktemp("train"), FAST_TRAINING)
+    run(["dvc", "repro", "train"], repo)
+    commit_all(repo, "train")
+    return repo
+
+
+def test_forced_reruns_leave_dvc_lock_unchanged(trained_repo: Path) -> None:
+    lock = (trained_repo / "dvc.lock").read_bytes()
+    for _ in range(2):
+        run(["dvc", "repro", "--force", "train"], trained_repo)
+        assert (trained_repo / "dvc.lock").read_bytes() == lock
+    assert run(["git", "status", "--porcelain"], trained_repo).stdout == ""
+
+
+def test_metadata_ties_the_model_to_its_commit_and_hash(trained_repo: Path) -> None:
+    metadata = json.loads((trained_repo / "models/training/training_metadata.json").read_text())
+    pipeline_commit = run(["git", "rev-list", "--max-parents=0", "HEAD"], trained_repo).stdout.strip()
+    assert metadata["version_control"]["git_commit"] == pipeline_commit
+    model = ProductionEnsemble.load(trained_repo / "models/training")
+    assert metadata["version_control"]["model_hash"] == model.get_model_info()["model_sha256"]
+    assert metadata["training_info"]["data_end"] < metadata["training_info"]["holdout_start"]
+    train_metrics = json.loads((trained_repo / "metrics/train.json").read_text())
+    assert 0.0 < train_metrics["decision_threshold"] < 1.0
+    assert set(train_metrics["cv"]) == {"ensemble", "lightgbm", "xgboost", "random_forest"}
+
+
+def test_tampered_artifact_is_refused_and_dvc_notices(trained_repo: Path) -> None:
+    manifest = json.loads((trained_repo / "models/training/ensemble.json").read_text())
+    lightgbm_file = next(p for p in (trained_repo / "models/training").iterdir() if p.name.startswith("lightgbm"))
+    original = lightgbm_file.read_bytes()
+    lightgbm_file.write_bytes(original.replace(b"learning_rate", b"learning_ratf", 1))
+    try:
+        with pytest.raises(ArtifactError, match=lightgbm_file.name):
+            ProductionEnsemble.load(trained_repo / "models/training")
+        assert run(["dvc", "status", "-q"], trained_repo, check=False).returncode == 1
+    finally:
+        lightgbm_file.write_bytes(original)
+    assert manifest == json.loads((trained_repo / "models/training/ensemble.json").read_text())
