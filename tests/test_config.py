@@ -69,6 +69,13 @@ def test_repository_params_are_valid() -> None:
         ("model.weights", {"lightgbm": 0.4, "xgboost": 0.4, "random_forest": 0.2, "svm": 1.0}, "svm"),
         ("data.exchange.max_retries", -1, "data.exchange.max_retries"),
         ("data.surprise", 1, "data.surprise: unknown key"),
+        ("gate.min_roc_auc", 1.2, "gate.min_roc_auc"),
+        ("gate.max_log_loss_ratio", float("inf"), "gate.max_log_loss_ratio"),
+        ("gate.max_brier_ratio", 0.0, "gate.max_brier_ratio"),
+        ("gate.champion_tolerance", -0.01, "gate.champion_tolerance"),
+        ("gate.min_f1", "0.6", "gate.min_f1"),
+        ("gate.min_mcc", True, "gate.min_mcc"),
+        ("evaluate.fee", -1.0e-3, "evaluate.fee"),
     ],
 )
 def test_invalid_values_name_the_key(raw: dict[str, Any], key: str, value: Any, message: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -23,8 +25,9 @@ from sklearn.preprocessing import FunctionTransformer
 
 from cryptoml import ensemble as ensemble_module
 from cryptoml.ensemble import (
-    ARTIFACT_FILES,
+    COMPONENT_SUFFIXES,
     DEFAULT_WEIGHTS,
+    MANIFEST_FORMAT,
     MANIFEST_NAME,
     MODEL_NAMES,
     ArtifactError,
@@ -52,6 +55,11 @@ def fit_small(**params: Any) -> ProductionEnsemble:
     return ProductionEnsemble(model_params=SMALL_PARAMS, **params).fit(X, y)
 
 
+def fit_on_other_data() -> ProductionEnsemble:
+    """A model whose every component file differs from fit_small's (a new seed alone leaves XGBoost's unchanged)."""
+    return ProductionEnsemble(model_params=SMALL_PARAMS).fit(*make_data(seed=1))
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[pd.DataFrame, pd.Series]:
     return make_data()
@@ -73,6 +81,22 @@ def saved_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_copy(saved_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the saved model that a test may damage."""
     return Path(shutil.copytree(saved_dir, tmp_path / "model"))
+
+
+def component_files(directory: Path) -> dict[str, str]:
+    """Model name -> the component file name its manifest lists."""
+    files = json.loads((directory / MANIFEST_NAME).read_text())["model"]["files"]
+    return {name: entry["name"] for name, entry in files.items()}
+
+
+def rewrite_model_section(directory: Path, edit: Any) -> None:
+    """Apply `edit` to the manifest's model section and re-hash it, as a forger who knows the format would."""
+    path = directory / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest["model"])
+    canonical = json.dumps(manifest["model"], sort_keys=True, separators=(",", ":"))
+    manifest["model_sha256"] = "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+    path.write_text(json.dumps(manifest))
 
 
 # --- estimator contract -------------------------------------------------------------------------
@@ -306,7 +330,7 @@ def test_saves_are_byte_identical_across_fits_and_clock(tmp_path: Path, monkeypa
     second = fit_small().save(tmp_path / "b", version_info={"git_commit": "abc123"})
     assert first == second
     names = sorted(path.name for path in (tmp_path / "a").iterdir())
-    assert names == sorted([MANIFEST_NAME, *ARTIFACT_FILES.values()])
+    assert names == sorted([MANIFEST_NAME, *component_files(tmp_path / "a").values()])
     assert names == sorted(path.name for path in (tmp_path / "b").iterdir())
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -326,7 +350,7 @@ def test_saves_are_byte_identical_across_processes(tmp_path: Path) -> None:
         for run in ("a", "b")
     ]
     assert hashes[0] == hashes[1]
-    for name in [MANIFEST_NAME, *ARTIFACT_FILES.values()]:
+    for name in [MANIFEST_NAME, *component_files(tmp_path / "a").values()]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
@@ -337,11 +361,20 @@ def test_model_hash_covers_the_threshold_but_not_version_info(tmp_path: Path) ->
     assert model.set_params(decision_threshold=0.6).save(tmp_path / "c") != base
 
 
-def test_save_replaces_an_older_model(saved_dir: Path, tmp_path: Path) -> None:
+def test_component_files_are_named_after_their_content(saved_dir: Path) -> None:
+    for model_name, file_name in component_files(saved_dir).items():
+        digest = hashlib.sha256((saved_dir / file_name).read_bytes()).hexdigest()
+        assert file_name == f"{model_name}-{digest[:16]}{COMPONENT_SUFFIXES[model_name]}"
+
+
+def test_save_replaces_an_older_model_and_removes_its_files(saved_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(saved_dir, tmp_path, dirs_exist_ok=True)
-    newer = fit_small(weights={"lightgbm": 1.0, "xgboost": 1.0, "random_forest": 1.0})
-    assert ProductionEnsemble.load(tmp_path).model_sha256_ != newer.save(tmp_path)
-    assert ProductionEnsemble.load(tmp_path).weights_ == newer.weights_
+    (tmp_path / "notes.txt").write_text("not a model file")
+    newer_sha256 = fit_on_other_data().save(tmp_path)
+    assert ProductionEnsemble.load(tmp_path).model_sha256_ == newer_sha256 != ProductionEnsemble.load(saved_dir).model_sha256_
+    assert set(component_files(saved_dir).values()).isdisjoint(component_files(tmp_path).values()), "all files should change"
+    expected = {MANIFEST_NAME, "notes.txt", *component_files(tmp_path).values()}
+    assert {path.name for path in tmp_path.iterdir()} == expected
 
 
 def test_version_info_must_be_plain_json(fitted: ProductionEnsemble, tmp_path: Path) -> None:
@@ -390,30 +423,95 @@ def parsers_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("parsers_must_not_run")
-@pytest.mark.parametrize("file_name", list(ARTIFACT_FILES.values()))
-def test_a_modified_file_is_refused_before_parsing(file_name: str, model_copy: Path) -> None:
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_a_modified_file_is_refused_before_parsing(model_name: str, model_copy: Path) -> None:
+    file_name = component_files(model_copy)[model_name]
     path = model_copy / file_name
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=rf"{file_name}: sha256 .* differs from the manifest's .* \(modified\)"):
+    with pytest.raises(ArtifactError, match=rf"{re.escape(file_name)}: sha256 .* differs from the manifest's .* \(modified\)"):
         ProductionEnsemble.load(model_copy)
 
 
 @pytest.mark.usefixtures("parsers_must_not_run")
-@pytest.mark.parametrize("file_name", list(ARTIFACT_FILES.values()))
-def test_a_truncated_file_is_refused(file_name: str, model_copy: Path) -> None:
+@pytest.mark.parametrize("model_name", MODEL_NAMES)
+def test_a_truncated_file_is_refused(model_name: str, model_copy: Path) -> None:
+    file_name = component_files(model_copy)[model_name]
     path = model_copy / file_name
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ArtifactError, match=rf"{file_name}: 100 bytes, the manifest says \d+ \(truncated"):
+    with pytest.raises(ArtifactError, match=rf"{re.escape(file_name)}: 100 bytes, the manifest says \d+ \(truncated"):
         ProductionEnsemble.load(model_copy)
 
 
 @pytest.mark.usefixtures("parsers_must_not_run")
 def test_a_missing_file_is_refused(model_copy: Path) -> None:
-    (model_copy / ARTIFACT_FILES["xgboost"]).unlink()
-    with pytest.raises(ArtifactError, match=r"xgboost.ubj: missing"):
+    file_name = component_files(model_copy)["xgboost"]
+    (model_copy / file_name).unlink()
+    with pytest.raises(ArtifactError, match=rf"{re.escape(file_name)}: missing \(listed in {MANIFEST_NAME}\)"):
         ProductionEnsemble.load(model_copy)
+
+
+@pytest.mark.usefixtures("parsers_must_not_run")
+@pytest.mark.parametrize(
+    "forged_name",
+    [
+        lambda directory, name: "../escaped.txt",
+        lambda directory, name: str(directory.parent / "absolute.txt"),
+        lambda directory, name: f"sub/{name}",
+        lambda directory, name: name.replace("lightgbm", "xgboost").replace(".txt", ".ubj"),
+        lambda directory, name: name.replace(".txt", ".ubj"),
+        lambda directory, name: f"lightgbm-{'0' * 16}.txt",
+    ],
+    ids=["parent", "absolute", "subfolder", "another-models-name", "another-suffix", "digest-not-of-its-bytes"],
+)
+def test_a_manifest_can_name_only_its_own_content_addressed_files(forged_name: Any, model_copy: Path) -> None:
+    """Even with the right bytes waiting at the forged place, the name alone is refused."""
+    real_name = component_files(model_copy)["lightgbm"]
+    name = forged_name(model_copy, real_name)
+    target = model_copy / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_copy / real_name, target)
+    rewrite_model_section(model_copy, lambda model: model["files"]["lightgbm"].update(name=name))
+    with pytest.raises(ArtifactError, match=rf"the lightgbm file is named '{re.escape(name)}'; only '{re.escape(real_name)}' is accepted"):
+        ProductionEnsemble.load(model_copy)
+
+
+def test_a_re_hashed_but_unchanged_manifest_still_loads(model_copy: Path) -> None:
+    """The forger's helper above re-hashes the way the loader checks, so the refusals come from the names."""
+    before = ProductionEnsemble.load(model_copy).model_sha256_
+    rewrite_model_section(model_copy, lambda model: None)
+    assert ProductionEnsemble.load(model_copy).model_sha256_ == before
+
+
+@pytest.mark.parametrize(("swaps", "loads"), [(1, True), (None, False)], ids=["one-swap", "endless-swaps"])
+def test_a_load_that_races_replacements_restarts_from_the_new_manifest(
+    swaps: int | None, loads: bool, model_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory is replaced (old files removed) between reading the manifest and the files.
+
+    One replacement: the load restarts from the new manifest and returns the new model. Replacements
+    at every read: it gives up with an error instead of looping forever.
+    """
+    first = ProductionEnsemble.load(model_copy)
+    second = fit_on_other_data()
+    second.save(model_copy.parent / "second")
+    replacements = itertools.islice(itertools.cycle([second, first]), swaps)
+    read_verified = ensemble_module._read_verified
+
+    def replace_then_read(path: Path, expected: Any) -> bytes:
+        if path.name.startswith("lightgbm"):
+            replacement = next(replacements, None)
+            if replacement is not None:
+                replacement.save(model_copy)
+        return read_verified(path, expected)
+
+    monkeypatch.setattr(ensemble_module, "_read_verified", replace_then_read)
+    if loads:
+        assert ProductionEnsemble.load(model_copy).model_sha256_ == second.model_sha256_
+    else:
+        with pytest.raises(ArtifactError, match=r"ensemble.json: replaced 3 times while its files were being read"):
+            ProductionEnsemble.load(model_copy)
 
 
 def test_a_missing_manifest_is_refused(model_copy: Path) -> None:
@@ -425,8 +523,8 @@ def test_a_missing_manifest_is_refused(model_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda text: text[: len(text) // 2], "not a valid cryptoml-ensemble/1 manifest"),
-        (lambda text: text.replace('"format": "cryptoml-ensemble/1"', '"format": "other/9"'), "format 'other/9'"),
+        (lambda text: text[: len(text) // 2], f"not a valid {MANIFEST_FORMAT} manifest"),
+        (lambda text: text.replace(f'"format": "{MANIFEST_FORMAT}"', '"format": "other/9"'), "format 'other/9'"),
         (lambda text: text.replace('"decision_threshold": 0.5', '"decision_threshold": 0.1'), "the manifest was edited"),
     ],
 )
@@ -449,5 +547,5 @@ def test_skops_types_outside_the_allowlist_are_refused(fitted: ProductionEnsembl
     with monkeypatch.context() as patch:
         patch.setattr(ensemble_module, "_random_forest_bytes", lambda forest: hostile)
         fitted.save(tmp_path)
-    with pytest.raises(ArtifactError, match=r"random_forest.skops: .*outside the allowlist .*\['posix.getcwd'\]"):
+    with pytest.raises(ArtifactError, match=r"random_forest-[0-9a-f]{16}\.skops: .*outside the allowlist .*\['posix.getcwd'\]"):
         ProductionEnsemble.load(tmp_path)

@@ -73,3 +73,26 @@ def train(params_file: ParamsOption = paths.PARAMS) -> None:
     from cryptoml.pipeline import run_train
 
     run_train(load_params(params_file))
+
+
+@app.command()
+@_command
+def evaluate(params_file: ParamsOption = paths.PARAMS) -> None:
+    """Score the trained model, its components and the baselines on the holdout; write metrics and plots."""
+    from cryptoml.pipeline import run_evaluate
+
+    run_evaluate(load_params(params_file))
+
+
+@app.command()
+@_command
+def promote(
+    params_file: ParamsOption = paths.PARAMS,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 when the gate rejects (for automation)")] = False,
+) -> None:
+    """Gate the trained model against the baselines and the production model; promote it if it passes."""
+    from cryptoml.pipeline import run_promote
+
+    decision = run_promote(load_params(params_file))
+    if strict and not decision.promote:
+        raise typer.Exit(code=1)

@@ -134,12 +134,31 @@ class ModelParams(_Section):
         return {"lightgbm": self.lightgbm, "xgboost": self.xgboost, "random_forest": self.random_forest}
 
 
+class EvaluateParams(_Section):
+    fee: float = Field(1.0e-3, ge=0.0, lt=1.0)  # per trade side, as a fraction of the traded value
+
+
+class GateParams(_Section):
+    """The promotion gate: absolute skill floors, then no regression against the champion."""
+
+    min_roc_auc: float = Field(0.52, ge=0.0, le=1.0)
+    # Proper scoring rules against the constant class prior: challenger score / prior score must be below.
+    max_brier_ratio: float | None = Field(1.0, gt=0.0, allow_inf_nan=False)
+    max_log_loss_ratio: float | None = Field(1.01, gt=0.0, allow_inf_nan=False)
+    champion_tolerance: float = Field(0.005, ge=0.0, le=1.0)  # ROC AUC the challenger may lose to the champion
+    champion_log_loss_tolerance: float = Field(0.002, ge=0.0, allow_inf_nan=False)
+    min_f1: float | None = Field(None, ge=0.0, le=1.0)  # the original system's rule (0.6), off by default
+    min_mcc: float | None = Field(None, ge=-1.0, le=1.0)
+
+
 class Params(_Section):
     data: DataParams
     label: LabelParams = LabelParams()
     split: SplitParams = SplitParams()
     cv: CVParams = CVParams()
     model: ModelParams
+    evaluate: EvaluateParams = EvaluateParams()
+    gate: GateParams = GateParams()
 
 
 def _describe(error: dict[str, Any]) -> str:

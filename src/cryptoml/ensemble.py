@@ -6,6 +6,12 @@ Loading checks the hashes before any file is parsed and refuses a model built fo
 spec. The same data and parameters give byte-identical files, so the model hash identifies a model
 across reruns.
 
+Component files are content-addressed (`<model>-<first 16 hex of sha256><suffix>`): other bytes
+always get another name, so a new model's files can be put beside an old model's without touching a
+file the old manifest lists, and only the atomic swap of the manifest switches a directory from one
+model to the other (see cryptoml.promotion). The manifest may name only these exact names, so it
+cannot point outside its directory.
+
 Model hash (`model_sha256`): sha256 of the canonical JSON of the manifest's `model` section, which
 holds the component files' hashes and sizes, the weights, the decision threshold, the
 hyperparameters and the feature spec, i.e. everything that decides a prediction. It leaves out
@@ -21,8 +27,10 @@ import hashlib
 import io
 import json
 import math
+import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,7 +41,7 @@ import sklearn
 import skops
 import skops.io
 import xgboost
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.utils.validation import NotFittedError, check_is_fitted
@@ -51,12 +59,16 @@ DEFAULT_MODEL_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 MANIFEST_NAME = "ensemble.json"
-MANIFEST_FORMAT = "cryptoml-ensemble/1"
-ARTIFACT_FILES: dict[str, str] = {
-    "lightgbm": "lightgbm.txt",
-    "xgboost": "xgboost.ubj",
-    "random_forest": "random_forest.skops",
-}
+MANIFEST_FORMAT = "cryptoml-ensemble/2"
+COMPONENT_SUFFIXES: dict[str, str] = {"lightgbm": ".txt", "xgboost": ".ubj", "random_forest": ".skops"}
+# Hex digits of a file's sha256 in its name: 64 bits make two different files of one model sharing a
+# name practically impossible, and load would still refuse such a file, since it checks the full sha256.
+_NAME_DIGEST_LENGTH = 16
+_COMPONENT_FILE_NAME = re.compile(
+    "|".join(rf"{name}-[0-9a-f]{{{_NAME_DIGEST_LENGTH}}}{re.escape(suffix)}" for name, suffix in COMPONENT_SUFFIXES.items())
+)
+# The temporary files of io.atomic_path (".<name>.<random>.tmp") that a killed writer leaves behind.
+_ATOMIC_LEFTOVER = re.compile(r"\..+\.tmp")
 
 # Keys the ensemble sets itself (seed, threads, determinism) plus their library aliases: letting
 # model_params override them would silently break reproducibility.
@@ -342,10 +354,20 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _component_file_name(model_name: str, sha256: str) -> str:
+    return f"{model_name}-{sha256.removeprefix('sha256:')[:_NAME_DIGEST_LENGTH]}{COMPONENT_SUFFIXES[model_name]}"
+
+
 class _FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sha256: str
+    name: str
+    sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
     size: int
+
+    @classmethod
+    def of(cls, model_name: str, data: bytes) -> _FileEntry:
+        sha256 = _sha256(data)
+        return cls(name=_component_file_name(model_name, sha256), sha256=sha256, size=len(data))
 
 
 class _ModelSection(BaseModel):
@@ -360,7 +382,7 @@ class _ModelSection(BaseModel):
     feature_names: list[str]
     feature_spec_hash: str
     feature_manager_version: str
-    files: dict[str, _FileEntry]
+    files: dict[str, _FileEntry]  # by model name
 
     def sha256(self) -> str:
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -390,12 +412,16 @@ def _json_ready(value: Any, what: str) -> Any:
         raise ValueError(f"{what} must be plain JSON data (str, finite numbers, bool, None, lists, dicts): {exc}") from exc
 
 
-def _read_manifest(directory: Path) -> _Manifest:
+def _read_manifest_bytes(directory: Path) -> bytes:
     path = directory / MANIFEST_NAME
     try:
-        text = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{path}: manifest missing, so there is no complete model in {directory}") from None
+
+
+def _parse_manifest(text: bytes, path: Path) -> _Manifest:
+    """The manifest, if it is this format, unedited, and names exactly one content-addressed file per model."""
     try:
         manifest = _Manifest.model_validate_json(text)
     except ValidationError as exc:
@@ -407,8 +433,20 @@ def _read_manifest(directory: Path) -> _Manifest:
             f"{path}: model_sha256 {manifest.model_sha256} does not match the hash of its model section "
             f"({manifest.model.sha256()}): the manifest was edited"
         )
-    if set(manifest.model.files) != set(ARTIFACT_FILES.values()):
-        raise ArtifactError(f"{path}: lists files {sorted(manifest.model.files)}, expected {sorted(ARTIFACT_FILES.values())}")
+    if set(manifest.model.files) != set(MODEL_NAMES):
+        raise ArtifactError(f"{path}: lists files of {sorted(manifest.model.files)}, expected one for each of {list(MODEL_NAMES)}")
+    for model_name, entry in manifest.model.files.items():
+        expected = _component_file_name(model_name, entry.sha256)
+        if entry.name != expected:
+            raise ArtifactError(
+                f"{path}: the {model_name} file is named {entry.name!r}; only {expected!r} is accepted "
+                f"({model_name}-<first {_NAME_DIGEST_LENGTH} hex of its sha256>{COMPONENT_SUFFIXES[model_name]}, "
+                "a plain name inside the model directory)"
+            )
+    return manifest
+
+
+def _require_current_features(manifest: _Manifest, path: Path) -> None:
     feature_manager = FeatureManager()
     if manifest.model.feature_spec_hash != feature_manager.spec_hash():
         raise ArtifactError(
@@ -416,21 +454,84 @@ def _read_manifest(directory: Path) -> _Manifest:
             f"(FeatureManager {manifest.model.feature_manager_version}) but the current FeatureManager "
             f"{feature_manager.version} has spec {feature_manager.spec_hash()}: retrain the model"
         )
-    return manifest
 
 
 def _read_verified(path: Path, expected: _FileEntry) -> bytes:
-    """The file's bytes, only if their size and sha256 match the manifest."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: missing (listed in {MANIFEST_NAME})") from None
+    """The file's bytes, only if their size and sha256 match the manifest (FileNotFoundError if it is gone)."""
+    data = path.read_bytes()
     if len(data) != expected.size:
         raise ArtifactError(f"{path}: {len(data)} bytes, the manifest says {expected.size} (truncated or overwritten)")
     actual = _sha256(data)
     if actual != expected.sha256:
         raise ArtifactError(f"{path}: sha256 {actual} differs from the manifest's {expected.sha256} (modified)")
     return data
+
+
+# Manifests one load may read when promotions swap the manifest and remove files while it reads.
+_MANIFEST_READS = 3
+
+
+def _read_model(directory: Path) -> tuple[bytes, _Manifest, dict[str, bytes]]:
+    """The manifest (bytes and parsed) and each model's verified file bytes.
+
+    A promotion keeps the files of one previous manifest, so a reader slower than two promotions can
+    find a listed file gone; when the manifest has changed meanwhile, the read starts over from the new
+    one instead of failing. A file missing under an unchanged manifest is an error.
+    """
+    path = directory / MANIFEST_NAME
+    text = _read_manifest_bytes(directory)
+    for _ in range(_MANIFEST_READS):
+        manifest = _parse_manifest(text, path)
+        _require_current_features(manifest, path)
+        try:
+            payloads = {name: _read_verified(directory / entry.name, entry) for name, entry in manifest.model.files.items()}
+        except FileNotFoundError as exc:
+            latest = _read_manifest_bytes(directory)
+            if latest == text:
+                raise ArtifactError(f"{exc.filename}: missing (listed in {MANIFEST_NAME})") from None
+            text = latest
+        else:
+            return text, manifest, payloads
+    raise ArtifactError(f"{path}: replaced {_MANIFEST_READS} times while its files were being read; retry the load")
+
+
+@dataclass(frozen=True)
+class ModelArtifacts:
+    """A saved model's exact bytes, each file verified against the manifest: what a promotion copies."""
+
+    manifest: bytes
+    model_sha256: str
+    files: Mapping[str, bytes]  # component file name -> its bytes
+
+
+def read_artifacts(directory: Path) -> ModelArtifacts:
+    """The verified bytes of the model in `directory` (ArtifactError, like load, if anything is wrong)."""
+    text, manifest, payloads = _read_model(Path(directory))
+    files = {manifest.model.files[name].name: payloads[name] for name in MODEL_NAMES}
+    return ModelArtifacts(manifest=text, model_sha256=manifest.model_sha256, files=files)
+
+
+def listed_component_files(directory: Path) -> frozenset[str]:
+    """The component files the directory's manifest lists; none when it has no valid manifest to load."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        return frozenset(entry.name for entry in _parse_manifest(path.read_bytes(), path).model.files.values())
+    except (FileNotFoundError, ArtifactError):
+        return frozenset()
+
+
+def prune_components(directory: Path, keep: Collection[str]) -> list[str]:
+    """Remove component files not named in `keep` and temporaries a killed atomic write left behind.
+
+    Returns the removed names. Other files in the directory (manifest, metadata) are never touched.
+    """
+    removed = []
+    for path in sorted(Path(directory).iterdir()):
+        is_stale_component = _COMPONENT_FILE_NAME.fullmatch(path.name) is not None and path.name not in keep
+        if is_stale_component or _ATOMIC_LEFTOVER.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 # --- the estimator ------------------------------------------------------------------------------
@@ -505,6 +606,32 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, _FITTED_ATTRIBUTES)
         return self._component_proba(_feature_matrix(X))
 
+    def feature_importances(self) -> dict[str, np.ndarray]:
+        """Each feature's share (FEATURE_NAMES order, sum 1) of each model's splits, in MODEL_NAMES order.
+
+        LightGBM and XGBoost: total gain of the splits on the feature (XGBoost "total_gain", the same
+        quantity as LightGBM "gain"; XGBoost "gain" is a mean per split and inflates rare splits);
+        RandomForest: mean decrease in impurity over its trees. A feature never split on gets 0; a
+        model without any split gets all zeros.
+        """
+        check_is_fitted(self, _FITTED_ATTRIBUTES)
+        lightgbm_gain = dict(
+            zip(self.lightgbm_booster_.feature_name(), self.lightgbm_booster_.feature_importance("gain"), strict=True)
+        )
+        # XGBoost keys its scores f0, f1, ... (column positions) when a booster carries no feature names.
+        xgboost_names = self.xgboost_booster_.feature_names or [f"f{i}" for i in range(len(FEATURE_NAMES))]
+        xgboost_gain = self.xgboost_booster_.get_score(importance_type="total_gain")
+        raw = {
+            "lightgbm": np.array([lightgbm_gain.get(name, 0.0) for name in FEATURE_NAMES]),
+            "xgboost": np.array([xgboost_gain.get(key, 0.0) for key in xgboost_names]),
+            "random_forest": self.random_forest_.feature_importances_,
+        }
+        shares = {}
+        for name, values in raw.items():
+            total = float(np.sum(values))
+            shares[name] = np.asarray(values, dtype=np.float64) / total if total > 0 else np.zeros(len(FEATURE_NAMES))
+        return shares
+
     def _component_proba(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
         threads = _validated_int("n_jobs", self.n_jobs, 1)
         self.xgboost_booster_.set_param("nthread", threads)
@@ -563,16 +690,19 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         """Write the model directory and return its model hash ("sha256:<hex>").
 
         The old manifest is removed first and the new one written last, each file atomically, so an
-        interrupted save leaves a directory that load refuses rather than a mix of two models.
+        interrupted save leaves a directory that load refuses rather than a mix of two models; then
+        the files of any older model are removed. For a directory that readers load while it changes
+        (models/production), use cryptoml.promotion.promote instead.
         """
         check_is_fitted(self, _FITTED_ATTRIBUTES)
         provenance = _json_ready(dict(version_info or {}), "version_info")
         payloads = {
-            ARTIFACT_FILES["lightgbm"]: _lightgbm_bytes(self.lightgbm_booster_),
-            ARTIFACT_FILES["xgboost"]: _xgboost_bytes(self.xgboost_booster_),
-            ARTIFACT_FILES["random_forest"]: _random_forest_bytes(self.random_forest_),
+            "lightgbm": _lightgbm_bytes(self.lightgbm_booster_),
+            "xgboost": _xgboost_bytes(self.xgboost_booster_),
+            "random_forest": _random_forest_bytes(self.random_forest_),
         }
-        section = self._model_section({name: _FileEntry(sha256=_sha256(data), size=len(data)) for name, data in payloads.items()})
+        entries = {name: _FileEntry.of(name, data) for name, data in payloads.items()}
+        section = self._model_section(entries)
         library_versions = _library_versions()
         manifest = _Manifest(
             format=MANIFEST_FORMAT,
@@ -585,8 +715,9 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
         for name, data in payloads.items():
-            write_bytes_atomic(directory / name, data)
+            write_bytes_atomic(directory / entries[name].name, data)
         write_bytes_atomic(directory / MANIFEST_NAME, dump_json(manifest.model_dump(mode="json")).encode())
+        prune_components(directory, keep={entry.name for entry in entries.values()})
         self.model_sha256_ = manifest.model_sha256
         self.version_info_ = provenance
         self.library_versions_ = library_versions
@@ -600,15 +731,15 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         problem is an ArtifactError naming the file. There is no fallback model.
         """
         directory = PRODUCTION_DIR if path is None else Path(path)
-        manifest = _read_manifest(directory)
-        payloads = {name: _read_verified(directory / name, entry) for name, entry in manifest.model.files.items()}
+        _, manifest, payloads = _read_model(directory)
         parsers = {"lightgbm": _parse_lightgbm, "xgboost": _parse_xgboost, "random_forest": _parse_random_forest}
         components: dict[str, Any] = {}
-        for model_name, file_name in ARTIFACT_FILES.items():
+        for model_name in MODEL_NAMES:
             try:
-                components[model_name] = parsers[model_name](payloads[file_name])
+                components[model_name] = parsers[model_name](payloads[model_name])
             except Exception as exc:  # the libraries raise their own error types; all mean "unusable file"
-                raise ArtifactError(f"{directory / file_name}: hash verified but the file cannot be loaded: {exc}") from exc
+                file_path = directory / manifest.model.files[model_name].name
+                raise ArtifactError(f"{file_path}: hash verified but the file cannot be loaded: {exc}") from exc
         section = manifest.model
         model = cls(
             weights=section.weights,

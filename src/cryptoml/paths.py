@@ -12,3 +12,7 @@ METRICS_DIR = Path("metrics")
 DATA_METRICS = METRICS_DIR / "data.json"
 TRAIN_METRICS = METRICS_DIR / "train.json"
 TRAINING_METADATA = TRAINING_DIR / "training_metadata.json"
+EVALUATE_METRICS = METRICS_DIR / "evaluate.json"
+PROMOTION_METRICS = METRICS_DIR / "promotion.json"
+PLOTS_DIR = Path("plots")
+PRODUCTION_METADATA = PRODUCTION_DIR / "production_model_metadata.json"

@@ -5,7 +5,10 @@ Outputs are written atomically and only after every check passed, so a failing s
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -13,9 +16,13 @@ from cryptoml import paths
 from cryptoml.config import Params
 from cryptoml.console import progress
 from cryptoml.data import fetch_candles, read_candles, write_parquet
-from cryptoml.ensemble import MANIFEST_NAME
+from cryptoml.ensemble import MANIFEST_NAME, ArtifactError, ProductionEnsemble
+from cryptoml.evaluation import EvaluationResult, evaluate_holdout
 from cryptoml.features import FeatureManager
-from cryptoml.io import write_json_atomic
+from cryptoml.timeframe import parse_timeframe
+from cryptoml.io import atomic_path, write_json_atomic
+from cryptoml.labels import build_dataset, holdout_split
+from cryptoml.promotion import Decision, decide, promote, read_production_metadata
 from cryptoml.registry import source_commit
 from cryptoml.training import TrainingSettings, build_training_metadata, run_training
 
@@ -98,3 +105,120 @@ def run_train(params: Params) -> None:
         "CV ensemble ROC AUC %.4f, MCC %.4f at threshold %.4f; model %s",
         cv["roc_auc"], cv["mcc"], result.decision_threshold, model_hash,
     )
+
+
+def evaluate_model(model: ProductionEnsemble, params: Params) -> EvaluationResult:
+    """Score `model` on the holdout rows defined by params (the same rows for challenger and champion)."""
+    features, close = read_training_inputs()
+    X, y = build_dataset(features, close, params.label.horizon, params.label.threshold)
+    split = holdout_split(X.index, params.split.holdout_value, params.label.horizon, params.split.embargo)
+    return evaluate_holdout(
+        model,
+        X.iloc[split.holdout],
+        y.iloc[split.holdout],
+        close,
+        train_positive_rate=float(y.iloc[split.train].mean()),
+        fee=params.evaluate.fee,
+        timeframe=parse_timeframe(params.data.timeframe),
+        horizon=params.label.horizon,
+        label_threshold=params.label.threshold,
+    )
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+
+
+def write_plots(plots: dict[str, pd.DataFrame], directory: Path) -> None:
+    """One CSV per model for curves (DVC colours one line per file), single files otherwise."""
+    for name, table in plots.items():
+        if "model" in table.columns:
+            for model, rows in table.groupby("model", sort=True):
+                _write_csv(rows.drop(columns="model"), directory / name / f"{model}.csv")
+        elif name == "equity":
+            # DVC's line template needs a numeric x: bars since the start of the holdout.
+            _write_csv(table.assign(bar=range(len(table)), timestamp=table["timestamp"].astype(str)), directory / "equity.csv")
+        else:
+            _write_csv(table, directory / f"{name}.csv")
+
+
+def run_evaluate(params: Params) -> None:
+    """evaluate: holdout metrics of the challenger, its components and the baselines, backtest, plots."""
+    result = evaluate_model(ProductionEnsemble.load(paths.TRAINING_DIR), params)
+    write_plots(result.plots, paths.PLOTS_DIR)
+    write_json_atomic(paths.EVALUATE_METRICS, result.metrics)
+    ensemble, prior = result.metrics["ensemble"], result.metrics["baselines"]["class_prior"]
+    log.info(
+        "holdout: ensemble ROC AUC %.4f (class prior 0.5), log loss %.4f (class prior %.4f), MCC %.4f",
+        ensemble["roc_auc"], ensemble["log_loss"], prior["log_loss"], ensemble["mcc"],
+    )
+
+
+KEY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "f1", "mcc", "precision", "recall", "accuracy")
+
+
+def load_champion(params: Params) -> tuple[ProductionEnsemble | None, dict[str, float] | None, str | None]:
+    """The production model re-scored on this run's holdout, or why there is none to compare with."""
+    if not (paths.PRODUCTION_DIR / MANIFEST_NAME).exists():
+        return None, None, None
+    try:
+        champion = ProductionEnsemble.load(paths.PRODUCTION_DIR)
+    except ArtifactError as exc:
+        return None, None, f"the production model cannot be loaded, so it is not re-scored: {exc}"
+    return champion, evaluate_model(champion, params).metrics["ensemble"], None
+
+
+def production_record(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What git keeps about the served model (metrics/promotion.json), so `cryptoml history` needs no DVC cache."""
+    if metadata is None:
+        return None
+    info = metadata["training_info"]
+    return {
+        "model_hash": metadata["version_control"]["model_hash"],
+        "git_commit": metadata["version_control"]["git_commit"],
+        "data_start": info["data_start"],
+        "data_end": info["holdout_end"],
+        "metrics": {key: metadata["performance_metrics"][key] for key in KEY_METRICS},
+    }
+
+
+def production_metadata(challenger: ProductionEnsemble, champion: ProductionEnsemble | None, holdout: dict[str, float]) -> dict[str, Any]:
+    """The training metadata, restated for production: holdout metrics and the model it replaces."""
+    metadata = json.loads(paths.TRAINING_METADATA.read_text())
+    previous = None
+    if champion is not None:
+        previous = {"git_commit": champion.version_info_.get("git_commit"), "model_hash": champion.model_sha256_}
+    return {
+        **metadata,
+        "status": "production",
+        "model_file": str(paths.PRODUCTION_DIR / MANIFEST_NAME),
+        "performance_metrics": holdout,
+        "cv_metrics": metadata["performance_metrics"],
+        "version_control": {**metadata["version_control"], "previous_version": previous},
+    }
+
+
+def run_promote(params: Params) -> Decision:
+    """promote: gate the challenger against the baselines and the re-scored champion; swap production on a pass."""
+    challenger = ProductionEnsemble.load(paths.TRAINING_DIR)
+    evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
+    champion, champion_metrics, note = load_champion(params)
+    decision = decide(
+        evaluation["ensemble"],
+        evaluation["baselines"],
+        champion_metrics,
+        params.gate,
+        challenger_sha256=challenger.model_sha256_,
+        champion_sha256=champion.model_sha256_ if champion is not None else None,
+        champion_note=note,
+    )
+    if decision.promote:
+        promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(challenger, champion, evaluation["ensemble"]))
+    record = {**decision.as_json(), "production": production_record(read_production_metadata(paths.PRODUCTION_DIR))}
+    write_json_atomic(paths.PROMOTION_METRICS, record)
+    verdict = "PROMOTED" if decision.promote else "REJECTED"
+    log.info("%s %s", verdict, challenger.model_sha256_)
+    for reason in decision.reasons:
+        log.info("  %s", reason)
+    return decision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -45,3 +46,75 @@ def source_commit(cwd: Path = Path(".")) -> SourceCommit:
     if _git(["status", "--porcelain", "--", *PIPELINE_INPUTS], cwd):
         log.warning("uncommitted changes in %s: the model records their last commit %s", ", ".join(PIPELINE_INPUTS), sha[:12])
     return SourceCommit(sha, committed_at)
+
+
+class RegistryError(ValueError):
+    """A revision has no production model, or a restored model does not match its record."""
+
+
+@dataclass(frozen=True)
+class ProductionVersion:
+    """One production model as recorded in git by the promote stage (metrics/promotion.json)."""
+
+    commit: str
+    date: str
+    model_hash: str
+    metrics: dict[str, float]
+    data_start: str | None
+    data_end: str | None
+
+
+def production_record(record: dict) -> dict | None:
+    """The production part of a metrics/promotion.json, or None when that revision had no production model."""
+    production = record.get("production") if isinstance(record, dict) else None
+    return production if isinstance(production, dict) and production.get("model_hash") else None
+
+
+def _read_at(rev: str, path: Path, cwd: Path) -> dict | None:
+    text = _git(["show", f"{rev}:{path.as_posix()}"], cwd)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def history(promotion_file: Path, cwd: Path = Path(".")) -> list[ProductionVersion]:
+    """Every production version, oldest first: the commits where the recorded production model changed."""
+    log_lines = _git(["log", "--reverse", "--format=%H %cI", "--", promotion_file.as_posix()], cwd) or ""
+    versions: list[ProductionVersion] = []
+    for line in log_lines.splitlines():
+        sha, date = line.split(" ", 1)
+        production = production_record(_read_at(sha, promotion_file, cwd) or {})
+        if production is None or (versions and versions[-1].model_hash == production["model_hash"]):
+            continue
+        versions.append(
+            ProductionVersion(
+                commit=sha,
+                date=date,
+                model_hash=production["model_hash"],
+                metrics=dict(production.get("metrics", {})),
+                data_start=production.get("data_start"),
+                data_end=production.get("data_end"),
+            )
+        )
+    return versions
+
+
+def recorded_production(rev: str, promotion_file: Path, cwd: Path = Path(".")) -> dict:
+    """The production record of `rev`; a clear error when the revision is unknown or has none."""
+    if _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd) is None:
+        raise RegistryError(f"{rev!r} is not a git revision in this repository")
+    production = production_record(_read_at(rev, promotion_file, cwd) or {})
+    if production is None:
+        raise RegistryError(f"revision {rev} has no production model recorded in {promotion_file}")
+    return production
+
+
+def restore_files(rev: str, files: tuple[Path, ...], cwd: Path = Path(".")) -> None:
+    """Put `files` back as they were at `rev` (working tree and index), so dvc.lock and params agree."""
+    existing = [f.as_posix() for f in files if _git(["cat-file", "-e", f"{rev}:{f.as_posix()}"], cwd) is not None]
+    result = subprocess.run(["git", "checkout", rev, "--", *existing], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RegistryError(f"git checkout {rev} -- {' '.join(existing)} failed: {result.stderr.strip()}")

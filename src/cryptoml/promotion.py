@@ -1,0 +1,282 @@
+"""The quality gate that decides whether a challenger replaces the production model, and the promotion.
+
+Gate (`decide`): F1 at a fixed threshold cannot be the gate: on real BTC candles a model with real
+skill has a holdout ROC AUC near 0.55-0.6 and an F1 far below the always-up baseline's. The default
+gate therefore asks for ranking skill (ROC AUC above chance) and for probabilities better than the
+constant class prior (Brier score below the class_prior baseline's), which no baseline can show,
+with log loss at most 1% above the prior's as a guard against over-confident probabilities; F1 and
+MCC floors are optional. With a champion re-scored on the same holdout, the challenger must also not
+be worse than it beyond small tolerances.
+
+Promotion (`promote`) into a directory that a trading bot may be loading at the same moment:
+
+1. the challenger is loaded and its files verified before production is touched;
+2. its component files are written beside the current ones; their names are content-addressed, so
+   no file the current manifest lists changes, and the directory entries are synced;
+3. `production_model_metadata.json` is replaced atomically; it names the model hash it describes;
+4. `ensemble.json` is replaced atomically: the commit point, so a reader sees the old model or the
+   new one, never a mix;
+5. component files listed neither by the new manifest nor by the one it replaced are removed (a
+   reader that read the previous manifest a moment ago still finds its files), with the leftovers
+   of writes killed half-way.
+
+A kill before step 4 leaves the old manifest and every file it lists byte-identical; a kill after it
+leaves the new model complete. Only the metadata can run ahead: between steps 3 and 4 (or after a
+kill there) it describes the challenger while the old model is served. The manifest decides what is
+served, so `read_production_metadata` returns metadata only when it names the served model's hash.
+One promotion at a time: the pipeline runs it as a single DVC stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptoml.ensemble import (
+    MANIFEST_NAME,
+    ArtifactError,
+    ProductionEnsemble,
+    listed_component_files,
+    prune_components,
+    read_artifacts,
+)
+from cryptoml.config import GateParams
+from cryptoml.io import dump_json, write_bytes_atomic
+
+METADATA_NAME = "production_model_metadata.json"
+# Digits kept in metrics/promotion.json: far finer than any gate limit, stable across platforms.
+_JSON_DIGITS = 6
+
+
+class PromotionError(Exception):
+    """The challenger or its metadata cannot be promoted; production was not changed."""
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule of the gate: `passed` is `value <op> limit`, and `message` says so in a sentence."""
+
+    name: str
+    passed: bool
+    value: float
+    limit: float
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict with every check, so metrics/promotion.json shows why, not just what."""
+
+    promote: bool
+    checks: list[Check]
+    reasons: list[str]
+    settings: GateParams
+    challenger_sha256: str | None = None
+    champion_sha256: str | None = None
+    champion_note: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The record for metrics/promotion.json: plain JSON, floats rounded, no NaN."""
+        return {
+            "decision": "promoted" if self.promote else "rejected",
+            "challenger_sha256": self.challenger_sha256,
+            "champion_sha256": self.champion_sha256,
+            "champion_note": self.champion_note,
+            "checks": [{**asdict(check), "value": _rounded(check.value), "limit": _rounded(check.limit)} for check in self.checks],
+            "reasons": list(self.reasons),
+            "gate": {name: _rounded(value) for name, value in self.settings.model_dump().items()},
+        }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), _JSON_DIGITS)
+
+
+# Each comparison with the operator it applies and the one a failed check prints.
+_COMPARISONS: dict[str, tuple[Callable[[float, float], bool], str]] = {
+    ">=": (operator.ge, "<"),
+    "<": (operator.lt, ">="),
+    "<=": (operator.le, ">"),
+}
+
+
+def _check(name: str, description: str, value: float, comparison: str, limit: float) -> Check:
+    compare, failed_sign = _COMPARISONS[comparison]
+    passed = bool(compare(value, limit))
+    sign = comparison if passed else failed_sign
+    return Check(name, passed, value, limit, f"{description}: {value:.4f} {sign} {limit:.4f}")
+
+
+def _metric(metrics: Mapping[str, float], key: str, source: str) -> float:
+    """A metric the gate needs; a missing or non-finite one is an evaluation bug, not a rejection."""
+    if key not in metrics:
+        raise ValueError(f"{source} metrics lack {key!r} (have {sorted(metrics)})")
+    value = float(metrics[key])
+    if not math.isfinite(value):
+        raise ValueError(f"{source} metric {key!r} is {value}: the gate needs a finite number")
+    return value
+
+
+# Scores that a constant class-prior probability already achieves; skill means beating them.
+_PRIOR_RATIOS = {"brier": ("max_brier_ratio", "Brier score"), "log_loss": ("max_log_loss_ratio", "log loss")}
+
+
+def _absolute_checks(challenger: Mapping[str, float], baselines: Mapping[str, Mapping[str, float]], settings: GateParams) -> list[Check]:
+    if "class_prior" not in baselines:
+        raise ValueError(f"baselines lack 'class_prior' (have {sorted(baselines)}): the score ratios compare with it")
+    checks = [
+        _check("min_roc_auc", "holdout ROC AUC vs gate.min_roc_auc", _metric(challenger, "roc_auc", "challenger"), ">=", settings.min_roc_auc)
+    ]
+    for key, (setting, label) in _PRIOR_RATIOS.items():
+        limit = getattr(settings, setting)
+        if limit is None:
+            continue
+        prior = _metric(baselines["class_prior"], key, "baselines['class_prior']")
+        if prior <= 0:
+            raise ValueError(f"baselines['class_prior'] {key} is {prior}: a constant probability cannot score perfectly")
+        description = f"holdout {label} / the class_prior baseline's ({prior:.4f}) vs gate.{setting}"
+        checks.append(_check(setting, description, _metric(challenger, key, "challenger") / prior, "<", limit))
+    optional_floors = {"f1": ("min_f1", "F1"), "mcc": ("min_mcc", "MCC")}
+    for key, (setting, label) in optional_floors.items():
+        floor = getattr(settings, setting)
+        if floor is not None:
+            checks.append(_check(setting, f"holdout {label} vs gate.{setting}", _metric(challenger, key, "challenger"), ">=", floor))
+    return checks
+
+
+def _champion_checks(challenger: Mapping[str, float], champion: Mapping[str, float], settings: GateParams) -> list[Check]:
+    champion_auc = _metric(champion, "roc_auc", "champion")
+    champion_log_loss = _metric(champion, "log_loss", "champion")
+    return [
+        _check(
+            "champion_roc_auc",
+            f"holdout ROC AUC vs the champion's {champion_auc:.4f} - gate.champion_tolerance",
+            _metric(challenger, "roc_auc", "challenger"),
+            ">=",
+            champion_auc - settings.champion_tolerance,
+        ),
+        _check(
+            "champion_log_loss",
+            f"holdout log loss vs the champion's {champion_log_loss:.4f} + gate.champion_log_loss_tolerance",
+            _metric(challenger, "log_loss", "challenger"),
+            "<=",
+            champion_log_loss + settings.champion_log_loss_tolerance,
+        ),
+    ]
+
+
+def decide(
+    challenger: Mapping[str, float],
+    baselines: Mapping[str, Mapping[str, float]],
+    champion: Mapping[str, float] | None,
+    settings: GateParams,
+    *,
+    challenger_sha256: str | None = None,
+    champion_sha256: str | None = None,
+    champion_note: str | None = None,
+) -> Decision:
+    """Promote when every check passes; the champion checks apply only when a champion was re-scored.
+
+    `champion` is None on the first run and when the champion cannot be loaded or re-scored on the
+    same holdout (say why in `champion_note`); the absolute checks then decide alone.
+    """
+    checks = _absolute_checks(challenger, baselines, settings)
+    if champion is not None:
+        checks += _champion_checks(challenger, champion, settings)
+    failed = [check.message for check in checks if not check.passed]
+    reasons = failed or [check.message for check in checks]
+    if champion is None and not failed:
+        reasons.append(f"no champion to compare with ({champion_note or 'first promotion'}): the absolute checks decide")
+    return Decision(
+        promote=not failed,
+        checks=checks,
+        reasons=reasons,
+        settings=settings,
+        challenger_sha256=challenger_sha256,
+        champion_sha256=champion_sha256,
+        champion_note=champion_note,
+    )
+
+
+# --- the promotion ------------------------------------------------------------------------------
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames into `directory` durable before a later step relies on them (power loss, not just a kill)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _metadata_bytes(metadata: Mapping[str, Any], model_sha256: str, training_dir: Path) -> bytes:
+    """Canonical JSON of the lead's metadata, which must name (or is given) the challenger's hash."""
+    named = metadata.get("model_sha256", model_sha256)
+    if named != model_sha256:
+        raise PromotionError(f"metadata['model_sha256'] is {named!r} but the model in {training_dir} is {model_sha256}")
+    try:
+        return dump_json({**metadata, "model_sha256": model_sha256}).encode()
+    except (TypeError, ValueError) as exc:
+        raise PromotionError(f"metadata must be plain JSON data (str, finite numbers, bool, None, lists, dicts): {exc}") from None
+
+
+def promote(training_dir: Path, production_dir: Path, metadata: Mapping[str, Any]) -> str:
+    """Make the model in `training_dir` the production model (steps in the module docstring); return its hash.
+
+    Re-promoting the model production already lists keeps every component file present, so the
+    directory is byte-identical after a repeat with the same metadata (and after a promotion killed
+    during its clean-up, the older files its re-run keeps go at the next promotion).
+    """
+    training_dir, production_dir = Path(training_dir), Path(production_dir)
+    try:
+        loaded_sha256 = ProductionEnsemble.load(training_dir).model_sha256_
+        artifacts = read_artifacts(training_dir)
+    except ArtifactError as exc:
+        raise PromotionError(f"the challenger cannot be promoted: {exc}") from exc
+    if artifacts.model_sha256 != loaded_sha256:
+        raise PromotionError(f"{training_dir} changed while it was being promoted ({loaded_sha256} then {artifacts.model_sha256})")
+    metadata_bytes = _metadata_bytes(metadata, artifacts.model_sha256, training_dir)
+
+    production_dir.mkdir(parents=True, exist_ok=True)
+    replaced = listed_component_files(production_dir)
+    is_repeat = replaced == set(artifacts.files)  # nothing becomes "previous", so no component goes
+    keep = set(artifacts.files) | ({path.name for path in production_dir.iterdir()} if is_repeat else replaced)
+    for name, data in artifacts.files.items():
+        write_bytes_atomic(production_dir / name, data)
+    _fsync_directory(production_dir)
+    write_bytes_atomic(production_dir / METADATA_NAME, metadata_bytes)
+    write_bytes_atomic(production_dir / MANIFEST_NAME, artifacts.manifest)
+    _fsync_directory(production_dir)
+    prune_components(production_dir, keep)
+    return artifacts.model_sha256
+
+
+def read_production_metadata(production_dir: Path) -> dict[str, Any] | None:
+    """The metadata of the model production serves; None when there is no such model or metadata.
+
+    None also when the metadata names another model than the manifest: a promotion is between its
+    steps 3 and 4, or was killed there, and the served model's own metadata is already overwritten.
+    """
+    path = Path(production_dir) / METADATA_NAME
+    try:
+        text = path.read_bytes()
+        served_sha256 = read_artifacts(Path(production_dir)).model_sha256
+    except (FileNotFoundError, ArtifactError):
+        return None
+    try:
+        metadata = json.loads(text)
+    except ValueError as exc:
+        raise PromotionError(f"{path}: not valid JSON ({exc}); promotions write it atomically, so it was edited") from None
+    if not isinstance(metadata, dict):
+        raise PromotionError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    return metadata if metadata.get("model_sha256") == served_sha256 else None

@@ -1,0 +1,443 @@
+"""Holdout scores, baselines, the after-fee backtest, plot tables and evaluate.json content."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    f1_score,
+    log_loss,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from cryptoml.ensemble import MODEL_NAMES, ProductionEnsemble
+from cryptoml.evaluation import (
+    BASELINE_NAMES,
+    MAX_CURVE_POINTS,
+    PLOT_NAMES,
+    PROBABILITY_CLIP,
+    EvaluationResult,
+    backtest,
+    baseline_probabilities,
+    calibration_table,
+    classification_metrics,
+    evaluate_holdout,
+    max_drawdown,
+    periods_per_year,
+    persistence_labels,
+    precision_recall_table,
+    roc_table,
+    rounded_metrics,
+    sharpe_ratio,
+)
+from cryptoml.features import FEATURE_NAMES, FeatureManager
+from cryptoml.labels import build_dataset, holdout_split
+from cryptoml.synthetic import simulate_candles
+from cryptoml.training import ENSEMBLE, METRICS_DECIMALS
+
+SMALL_MODELS = {name: {"n_estimators": 15} for name in MODEL_NAMES}
+HOUR = pd.Timedelta(hours=1)
+DAY = pd.Timedelta(days=1)
+FEE = 1.0e-3
+
+
+def hourly_series(values: list[float] | np.ndarray, start: str = "2024-01-01") -> pd.Series:
+    index = pd.date_range(start, periods=len(values), freq="h", tz="UTC", name="timestamp")
+    return pd.Series(np.asarray(values, dtype=np.float64), index=index, name="close")
+
+
+def noisy_scores(n_rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels with a 30 % base rate and P(up) that separates them only partly."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n_rows) < 0.3).astype(np.int64)
+    proba = np.clip(0.3 + 0.2 * (labels - 0.3) + rng.normal(0.0, 0.15, n_rows), 0.0, 1.0)
+    return labels, proba
+
+
+# --- classification_metrics ---------------------------------------------------------------------
+
+
+def test_classification_metrics_match_sklearn() -> None:
+    labels, proba = noisy_scores(500)
+    threshold = 0.35
+    predicted = (proba >= threshold).astype(np.int64)
+    expected = {
+        "roc_auc": roc_auc_score(labels, proba),
+        "pr_auc": average_precision_score(labels, proba),
+        "log_loss": log_loss(labels, proba),
+        "brier": brier_score_loss(labels, proba),
+        "f1": f1_score(labels, predicted),
+        "f1_macro": f1_score(labels, predicted, average="macro"),
+        "precision": precision_score(labels, predicted),
+        "recall": recall_score(labels, predicted),
+        "accuracy": accuracy_score(labels, predicted),
+        "mcc": matthews_corrcoef(labels, predicted),
+        "signal_rate": predicted.mean(),
+        "positive_rate": labels.mean(),
+    }
+    metrics = classification_metrics(labels, proba, threshold)
+    assert metrics == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_perfect_predictor_scores_perfectly_with_finite_log_loss() -> None:
+    labels, _ = noisy_scores(200)
+    metrics = classification_metrics(labels, labels.astype(np.float64), threshold=0.5)
+    for name in ("roc_auc", "pr_auc", "f1", "f1_macro", "precision", "recall", "accuracy", "mcc"):
+        assert metrics[name] == 1.0, name
+    assert metrics["log_loss"] == pytest.approx(-math.log1p(-PROBABILITY_CLIP))
+    assert metrics["signal_rate"] == metrics["positive_rate"]
+
+
+def test_an_uninformative_predictor_has_no_skill() -> None:
+    labels, _ = noisy_scores(200)
+    constant = np.full(len(labels), 0.4)
+    metrics = classification_metrics(labels, constant, threshold=0.5)
+    assert metrics["roc_auc"] == 0.5
+    assert metrics["pr_auc"] == pytest.approx(labels.mean())
+    assert metrics["mcc"] == 0.0
+    assert metrics["signal_rate"] == 0.0
+
+
+def test_a_single_class_holdout_is_refused() -> None:
+    with pytest.raises(ValueError, match="all 4 holdout labels are 0: ROC AUC and PR AUC are undefined"):
+        classification_metrics(np.zeros(4, dtype=np.int64), np.full(4, 0.2), threshold=0.5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, 1.5, -0.1])
+def test_probabilities_outside_0_1_are_refused(bad: float) -> None:
+    proba = np.array([0.1, 0.9, bad, 0.4])
+    with pytest.raises(ValueError, match=r"P\(up\) must lie in \[0, 1\]; position 2"):
+        classification_metrics(np.array([0, 1, 0, 1]), proba, threshold=0.5)
+
+
+def test_labels_other_than_0_and_1_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"labels must be 0 \(not up\) or 1 \(up\), got \[2\]"):
+        classification_metrics(np.array([0, 1, 2]), np.full(3, 0.5), threshold=0.5)
+
+
+# --- baselines ----------------------------------------------------------------------------------
+
+
+def labelled_path(horizon: int, threshold: float, n_rows: int = 60, seed: int = 1) -> tuple[pd.Series, pd.Series]:
+    """A random-walk close and its labels (by the definition, not via make_labels)."""
+    close = hourly_series(100.0 * np.exp(np.cumsum(np.random.default_rng(seed).normal(0.0, 0.01, n_rows))))
+    prices = close.to_numpy()
+    labels = (prices[horizon:] / prices[:-horizon] - 1.0 > threshold).astype(np.int64)
+    return close, pd.Series(labels, index=close.index[:-horizon], name="label")
+
+
+@pytest.mark.parametrize("horizon", [1, 2])
+def test_persistence_predicts_the_label_of_bar_t_minus_horizon(horizon: int) -> None:
+    threshold = 0.002
+    close, labels = labelled_path(horizon, threshold)
+    holdout = labels.iloc[30:]
+    prices = close.to_numpy()
+    positions = np.arange(30, 30 + len(holdout))
+    # The label of bar t - h compares close[t - h] with close[t], both known at t.
+    expected = (prices[positions] / prices[positions - horizon] - 1.0 > threshold).astype(np.int64)
+    assert persistence_labels(holdout, close, horizon=horizon, label_threshold=threshold).tolist() == expected.tolist()
+
+
+def test_persistence_refuses_labels_built_with_other_params() -> None:
+    close, labels = labelled_path(horizon=1, threshold=0.002)
+    with pytest.raises(ValueError, match=r"label\.horizon=2, label\.threshold=0\.002: pass the label params"):
+        persistence_labels(labels.iloc[30:], close, horizon=2, label_threshold=0.002)
+
+
+def test_persistence_needs_close_before_the_holdout() -> None:
+    close, labels = labelled_path(horizon=2, threshold=0.002)
+    holdout = labels.iloc[30:]
+    with pytest.raises(ValueError, match="close must start at least 2 bar\\(s\\) before the first holdout row"):
+        persistence_labels(holdout, close.iloc[29:], horizon=2, label_threshold=0.002)
+
+
+def test_baselines_class_prior_always_up_and_persistence() -> None:
+    close, labels = labelled_path(horizon=1, threshold=0.0, n_rows=400)
+    holdout = labels.iloc[100:]
+    train_rate = float(labels.iloc[:90].mean())
+    baselines = baseline_probabilities(holdout, close, train_positive_rate=train_rate, horizon=1, label_threshold=0.0)
+    assert tuple(baselines) == BASELINE_NAMES
+    scores = {name: classification_metrics(holdout, proba, threshold=0.5) for name, proba in baselines.items()}
+
+    assert scores["class_prior"]["roc_auc"] == 0.5
+    assert scores["class_prior"]["brier"] == pytest.approx(np.mean((holdout.to_numpy() - train_rate) ** 2))
+    assert scores["always_up"]["recall"] == 1.0
+    assert scores["always_up"]["signal_rate"] == 1.0
+    # Every label-0 row costs -log(1 - clipped P(up)), about -log(PROBABILITY_CLIP): large but finite.
+    expected_loss = (1.0 - holdout.mean()) * -math.log(1.0 - (1.0 - PROBABILITY_CLIP))
+    assert scores["always_up"]["log_loss"] == pytest.approx(expected_loss, rel=1e-9)
+    assert scores["persistence"]["signal_rate"] == pytest.approx(labels.iloc[99:-1].mean())
+
+
+def test_class_prior_needs_a_training_rate_strictly_between_0_and_1() -> None:
+    close, labels = labelled_path(horizon=1, threshold=0.0)
+    with pytest.raises(ValueError, match="train_positive_rate must be in \\(0, 1\\)"):
+        baseline_probabilities(labels.iloc[30:], close, train_positive_rate=1.0, horizon=1, label_threshold=0.0)
+
+
+# --- backtest -----------------------------------------------------------------------------------
+
+
+def test_backtest_charges_a_fee_per_side_and_counts_trades() -> None:
+    close = hourly_series([100.0, 110.0, 99.0, 99.0, 108.9, 120.0])
+    signal = pd.Series([1, 1, 0, 1, 1], index=close.index[:5])
+    fee = 0.01
+    result = backtest(signal, close, fee=fee, timeframe=HOUR)
+    keep = 1.0 - fee
+
+    # Bars: enter and +10 %, hold -10 %, leave (flat), enter and +10 %, hold +120/108.9.
+    strategy_factors = [keep * 1.1, 0.9, keep, keep * 1.1, 120.0 / 108.9]
+    strategy = result.metrics["strategy"]
+    assert strategy["total_return"] == pytest.approx(np.prod(strategy_factors) - 1.0)
+    assert strategy["trades"] == 3
+    assert strategy["hit_rate"] == 3 / 4
+    assert strategy["exposure"] == 4 / 5
+    holding = result.metrics["buy_and_hold"]
+    assert holding["total_return"] == pytest.approx(keep * 120.0 / 100.0 - 1.0)
+    assert holding["trades"] == 1
+    assert result.metrics["bars"] == 5
+
+    equity = result.equity
+    assert list(equity.columns) == ["timestamp", "strategy", "buy_and_hold"]
+    assert equity["timestamp"].tolist() == close.index.tolist()
+    assert equity["strategy"].to_numpy() == pytest.approx(np.cumprod([1.0, *strategy_factors]))
+    assert strategy["max_drawdown"] == pytest.approx(max_drawdown(equity["strategy"].to_numpy()))
+
+
+def test_backtest_drops_only_the_last_row_when_close_ends_there() -> None:
+    close = hourly_series([100.0, 101.0, 102.0, 101.0])
+    result = backtest(pd.Series([1, 0, 1, 1], index=close.index), close, fee=0.0, timeframe=HOUR)
+    assert result.metrics["bars"] == 3
+    assert result.metrics["buy_and_hold"]["total_return"] == pytest.approx(101.0 / 100.0 - 1.0)
+    assert len(result.equity) == 4
+
+
+def test_a_flat_strategy_has_defined_figures() -> None:
+    close = hourly_series([100.0, 101.0, 99.0])
+    strategy = backtest(pd.Series([0, 0], index=close.index[:2]), close, fee=FEE, timeframe=HOUR).metrics["strategy"]
+    assert strategy == {"total_return": 0.0, "sharpe": 0.0, "max_drawdown": 0.0, "trades": 0, "hit_rate": 0.0, "exposure": 0.0}
+
+
+def test_backtest_refuses_holdout_rows_that_skip_bars() -> None:
+    close = hourly_series([100.0, 101.0, 102.0, 103.0])
+    with pytest.raises(ValueError, match="holdout rows must be consecutive bars of close"):
+        backtest(pd.Series([1, 1], index=close.index[[0, 2]]), close, fee=FEE, timeframe=HOUR)
+
+
+@pytest.mark.parametrize("fee", [-0.001, 1.0, math.nan])
+def test_backtest_refuses_a_fee_outside_0_1(fee: float) -> None:
+    close = hourly_series([100.0, 101.0])
+    with pytest.raises(ValueError, match="fee must be a fraction per trade side"):
+        backtest(pd.Series([1], index=close.index[:1]), close, fee=fee, timeframe=HOUR)
+
+
+def test_max_drawdown_of_a_known_path() -> None:
+    assert max_drawdown(np.array([1.0, 1.2, 0.9, 1.5, 1.0])) == pytest.approx(1.0 / 1.5 - 1.0)
+    assert max_drawdown(np.array([1.0, 1.1, 1.2])) == 0.0
+
+
+def test_sharpe_is_annualised_by_bars_per_year() -> None:
+    assert periods_per_year(HOUR) == 365 * 24
+    assert periods_per_year(DAY) == 365
+    returns = np.random.default_rng(0).normal(0.001, 0.01, 100)
+    hourly, daily = sharpe_ratio(returns, periods_per_year(HOUR)), sharpe_ratio(returns, periods_per_year(DAY))
+    assert hourly / daily == pytest.approx(math.sqrt(24))
+    assert daily == pytest.approx(returns.mean() / returns.std(ddof=1) * math.sqrt(365))
+    assert sharpe_ratio(np.full(10, 0.001), periods_per_year(HOUR)) == 0.0
+
+
+def test_timeframe_must_be_a_positive_timedelta() -> None:
+    with pytest.raises(ValueError, match="timeframe must be a positive pd.Timedelta"):
+        periods_per_year("1h")  # type: ignore[arg-type]
+
+
+# --- plot tables and evaluate.json --------------------------------------------------------------
+
+
+def test_curve_tables_are_long_format_and_thinned() -> None:
+    labels, proba = noisy_scores(3000)
+    probabilities = {"a": proba, "b": proba[::-1].copy()}
+    roc = roc_table(labels, probabilities)
+    assert list(roc.columns) == ["fpr", "tpr", "model"]
+    for _, part in roc.groupby("model"):
+        assert 2 <= len(part) <= MAX_CURVE_POINTS
+        assert (part["fpr"].iloc[0], part["tpr"].iloc[0]) == (0.0, 0.0)
+        assert (part["fpr"].iloc[-1], part["tpr"].iloc[-1]) == (1.0, 1.0)
+        assert part["fpr"].is_monotonic_increasing
+    pr = precision_recall_table(labels, probabilities)
+    assert list(pr.columns) == ["recall", "precision", "model"]
+    assert pr.groupby("model").size().max() <= MAX_CURVE_POINTS
+
+
+def test_calibration_bins_have_equal_counts_that_cover_every_row() -> None:
+    labels, proba = noisy_scores(1003)
+    table = calibration_table(labels, {"a": proba}, n_bins=10)
+    assert list(table.columns) == ["bin", "mean_predicted", "fraction_positive", "count", "model"]
+    assert table["count"].sum() == len(labels)
+    assert table["count"].max() - table["count"].min() <= 1
+    assert table["mean_predicted"].is_monotonic_increasing
+    assert np.average(table["fraction_positive"], weights=table["count"]) == pytest.approx(labels.mean())
+
+
+def test_rounded_metrics_are_json_ready_and_refuse_non_finite_values() -> None:
+    metrics = rounded_metrics({"a": {"b": np.float64(1 / 3), "n": np.int64(4), "ok": np.bool_(True), "when": "2024"}})
+    assert metrics == {"a": {"b": round(1 / 3, METRICS_DECIMALS), "n": 4, "ok": True, "when": "2024"}}
+    json.dumps(metrics, allow_nan=False)
+    with pytest.raises(ValueError, match=r"metrics\.ensemble\.log_loss is inf"):
+        rounded_metrics({"ensemble": {"log_loss": math.inf}})
+
+
+# --- feature importance -------------------------------------------------------------------------
+
+
+def sparse_training_set(n_rows: int = 400, seed: int = 2) -> tuple[pd.DataFrame, pd.Series]:
+    """Only rsi_14 and zscore vary; the other ten columns are constant, so no model can split on them."""
+    rng = np.random.default_rng(seed)
+    features = pd.DataFrame(np.ones((n_rows, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
+    features["rsi_14"] = rng.normal(size=n_rows)
+    features["zscore"] = rng.normal(size=n_rows)
+    labels = (features["rsi_14"] + 0.5 * features["zscore"] + rng.normal(0.0, 0.5, n_rows) > 0).astype(np.int64)
+    return features, labels
+
+
+def test_feature_importances_are_shares_of_the_features_each_model_used(tmp_path: Path) -> None:
+    features, labels = sparse_training_set()
+    model = ProductionEnsemble(model_params=SMALL_MODELS).fit(features, labels)
+    importances = model.feature_importances()
+    assert tuple(importances) == MODEL_NAMES
+    used = np.isin(FEATURE_NAMES, ["rsi_14", "zscore"])
+    for name, shares in importances.items():
+        assert shares.shape == (len(FEATURE_NAMES),), name
+        assert shares.sum() == pytest.approx(1.0), name
+        assert (shares[~used] == 0.0).all(), name
+        assert shares[FEATURE_NAMES.index("rsi_14")] > shares[FEATURE_NAMES.index("zscore")], name
+
+    model.save(tmp_path)
+    loaded = ProductionEnsemble.load(tmp_path)
+    loaded.xgboost_booster_.feature_names = None  # XGBoost then keys its scores f0..f11
+    for name, shares in loaded.feature_importances().items():
+        np.testing.assert_allclose(shares, importances[name], err_msg=name)
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluated:
+    ensemble: ProductionEnsemble
+    X_holdout: pd.DataFrame
+    y_holdout: pd.Series
+    result: EvaluationResult
+
+
+@pytest.fixture(scope="module")
+def evaluated() -> Evaluated:
+    candles = simulate_candles(pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-04-01", tz="UTC"), "1h", seed=7)
+    close = candles.set_index("timestamp")["close"]
+    horizon, label_threshold = 1, 3.0e-3
+    X, y = build_dataset(FeatureManager().generate_features(candles), close, horizon, label_threshold)
+    split = holdout_split(X.index, 0.2, horizon, embargo=24)
+    train_labels = y.iloc[split.train]
+    ensemble = ProductionEnsemble(model_params=SMALL_MODELS, decision_threshold=float(train_labels.mean()))
+    ensemble.fit(X.iloc[split.train], train_labels)
+    X_holdout, y_holdout = X.iloc[split.holdout], y.iloc[split.holdout]
+    result = evaluate_holdout(
+        ensemble,
+        X_holdout,
+        y_holdout,
+        close,
+        train_positive_rate=float(train_labels.mean()),
+        fee=FEE,
+        timeframe=HOUR,
+        horizon=horizon,
+        label_threshold=label_threshold,
+    )
+    return Evaluated(ensemble=ensemble, X_holdout=X_holdout, y_holdout=y_holdout, result=result)
+
+
+def float_values(tree: object) -> list[float]:
+    if isinstance(tree, dict):
+        return [value for item in tree.values() for value in float_values(item)]
+    return [tree] if isinstance(tree, float) else []
+
+
+def test_evaluate_json_content_is_finite_rounded_and_serialisable(evaluated: Evaluated) -> None:
+    metrics = evaluated.result.metrics
+    assert set(metrics) == {"decision_threshold", "train_positive_rate", "holdout", "backtest", "baselines", ENSEMBLE, *MODEL_NAMES}
+    assert set(metrics["baselines"]) == set(BASELINE_NAMES)
+    assert set(metrics["backtest"]) == {"bars", "fee", "periods_per_year", "strategy", "buy_and_hold"}
+    json.loads(json.dumps(metrics, allow_nan=False))
+    values = float_values(metrics)
+    assert values and all(math.isfinite(value) and round(value, METRICS_DECIMALS) == value for value in values)
+    holdout = metrics["holdout"]
+    assert holdout["rows"] == len(evaluated.y_holdout)
+    assert holdout["start"] == evaluated.X_holdout.index[0].isoformat()
+    assert holdout["positive_rate"] == round(evaluated.y_holdout.mean(), METRICS_DECIMALS)
+
+
+def test_evaluate_scores_the_ensemble_and_its_models_at_the_stored_threshold(evaluated: Evaluated) -> None:
+    ensemble, X, y = evaluated.ensemble, evaluated.X_holdout, evaluated.y_holdout
+    metrics = evaluated.result.metrics
+    up = ensemble.predict_proba(X)[:, 1]
+    assert metrics[ENSEMBLE]["roc_auc"] == round(roc_auc_score(y, up), METRICS_DECIMALS)
+    assert metrics[ENSEMBLE]["signal_rate"] == round(ensemble.predict(X).mean(), METRICS_DECIMALS)
+    for name, proba in ensemble.component_proba(X).items():
+        predicted = proba >= ensemble.decision_threshold
+        assert metrics[name]["recall"] == round(recall_score(y, predicted), METRICS_DECIMALS), name
+    assert metrics["decision_threshold"] == round(ensemble.decision_threshold, METRICS_DECIMALS)
+
+
+def test_evaluate_backtests_the_ensemble_signal_on_every_holdout_row(evaluated: Evaluated) -> None:
+    signal = evaluated.ensemble.predict(evaluated.X_holdout)
+    backtest_metrics = evaluated.result.metrics["backtest"]
+    assert backtest_metrics["bars"] == len(signal)  # the close series goes on past the last labelled row
+    assert backtest_metrics["strategy"]["trades"] == np.abs(np.diff(signal, prepend=0)).sum()
+    assert backtest_metrics["strategy"]["exposure"] == round(signal.mean(), METRICS_DECIMALS)
+    equity = evaluated.result.plots["equity"]
+    assert len(equity) == len(signal) + 1
+    assert equity["timestamp"].iloc[0] == evaluated.X_holdout.index[0]
+
+
+def test_evaluate_plot_tables(evaluated: Evaluated) -> None:
+    plots = evaluated.result.plots
+    assert tuple(plots) == PLOT_NAMES
+    curve_models = {ENSEMBLE, *MODEL_NAMES}
+    for name in ("roc", "precision_recall", "calibration"):
+        assert set(plots[name]["model"]) == curve_models, name
+        assert plots[name].groupby("model").size().max() <= MAX_CURVE_POINTS, name
+    confusion = plots["confusion"]
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert confusion["actual"].tolist() == evaluated.y_holdout.tolist()
+    assert confusion["predicted"].tolist() == evaluated.ensemble.predict(evaluated.X_holdout).tolist()
+    importance = plots["feature_importance"]
+    assert list(importance.columns) == ["feature", "importance", "model"]
+    for name, part in importance.groupby("model"):
+        assert part["feature"].tolist() == list(FEATURE_NAMES), name
+        assert part["importance"].sum() == pytest.approx(1.0), name
+
+
+def test_evaluate_refuses_labels_not_aligned_with_features(evaluated: Evaluated) -> None:
+    with pytest.raises(ValueError, match="y_holdout's index differs from X_holdout's"):
+        evaluate_holdout(
+            evaluated.ensemble,
+            evaluated.X_holdout,
+            evaluated.y_holdout.iloc[1:],
+            pd.Series(dtype=np.float64),
+            train_positive_rate=0.25,
+            fee=FEE,
+            timeframe=HOUR,
+            horizon=1,
+            label_threshold=3.0e-3,
+        )
