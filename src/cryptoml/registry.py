@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,3 +119,10 @@ def restore_files(rev: str, files: tuple[Path, ...], cwd: Path = Path(".")) -> N
     result = subprocess.run(["git", "checkout", rev, "--", *existing], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RegistryError(f"git checkout {rev} -- {' '.join(existing)} failed: {result.stderr.strip()}")
+
+
+def dvc(args: list[str], cwd: Path = Path(".")) -> None:
+    """Run the dvc of this environment; its own message is the error."""
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RegistryError(f"dvc {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
