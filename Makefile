@@ -27,6 +27,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	python bench/features.py
+	python bench/predict.py
 
 # Re-resolve pinned versions after editing dependencies in pyproject.toml (needs the registry).
 lock: $(STAMP)

@@ -1,12 +1,15 @@
-"""Single-row predict_proba latency: ProductionEnsemble against the original system's naive path.
+"""Single-row predict_proba latency: ProductionEnsemble against the original system's naive path,
+and the wall time of the train stage on the default data.
 
-    python bench/predict.py [MODEL_DIR] [--calls N]
+    python bench/predict.py [MODEL_DIR] [--calls N] [--no-train-stage]
 
 The ensemble is loaded from MODEL_DIR (or trained with the default hyperparameters on seeded random
 data and saved to a temporary directory) and predicts with n_jobs=1. The naive path is how the
 original worked: the three sklearn-API estimators' predict_proba one after another, RandomForest
 with n_jobs=-1, fitted with the same hyperparameters on the seeded random data. Both get the same
-one-row DataFrames, the shape of a live prediction. Figures are indicative on a shared machine.
+one-row DataFrames, the shape of a live prediction. The train stage is timed as `cryptoml train` runs it
+(CV, threshold choice, final fit, save) on the candles params.yaml's data section gives (the synthetic
+default: two years of 1h candles). Figures are indicative on a shared machine.
 """
 
 from __future__ import annotations
@@ -24,8 +27,12 @@ import pandas as pd
 import xgboost
 from sklearn.ensemble import RandomForestClassifier
 
+from cryptoml.config import load_params
+from cryptoml.data import fetch_candles
 from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import FEATURE_NAMES
+from cryptoml.features import FEATURE_NAMES, FeatureManager
+from cryptoml.pipeline import training_settings
+from cryptoml.training import run_training
 
 TRAIN_ROWS = 5_000
 ROW_POOL = 100  # distinct rows cycled through, so no call repeats its predecessor's input
@@ -69,10 +76,24 @@ def latencies_ms(predict_proba: Callable[[pd.DataFrame], np.ndarray], rows: list
     return timings * 1e3
 
 
+def train_stage_seconds(params_file: Path) -> float:
+    """Wall time of the train stage's work (reading inputs excluded) with the repository's params."""
+    params = load_params(params_file)
+    candles, _ = fetch_candles(params.data)
+    features = FeatureManager().generate_features(candles)
+    close = candles.set_index("timestamp")["close"]
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        run_training(features, close, training_settings(params)).ensemble.save(Path(scratch) / "model")
+        return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", nargs="?", type=Path, help="saved ProductionEnsemble (default: train one)")
     parser.add_argument("--calls", type=int, default=2_000, help="timed single-row calls per implementation")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params for the train-stage timing")
+    parser.add_argument("--no-train-stage", action="store_true", help="skip timing the train stage")
     args = parser.parse_args()
 
     X, y = random_training_data(TRAIN_ROWS, SEED)
@@ -99,6 +120,8 @@ def main() -> None:
     ours, original = results.values()
     for label, percentile in (("p50", 50), ("p99", 99)):
         print(f"naive / ProductionEnsemble {label}: {np.percentile(original, percentile) / np.percentile(ours, percentile):.1f}x")
+    if not args.no_train_stage:
+        print(f"train stage (CV + threshold + final fit + save) on {args.params}: {train_stage_seconds(args.params):.1f} s")
 
 
 if __name__ == "__main__":

@@ -39,13 +39,13 @@ from cryptoml.evaluation import (
     persistence_labels,
     precision_recall_table,
     roc_table,
-    rounded_metrics,
     sharpe_ratio,
 )
 from cryptoml.features import FEATURE_NAMES, FeatureManager
 from cryptoml.labels import build_dataset, holdout_split
 from cryptoml.synthetic import simulate_candles
-from cryptoml.training import ENSEMBLE, METRICS_DECIMALS
+from cryptoml.io import METRICS_DECIMALS
+from cryptoml.training import ENSEMBLE
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in MODEL_NAMES}
 HOUR = pd.Timedelta(hours=1)
@@ -289,14 +289,6 @@ def test_calibration_bins_have_equal_counts_that_cover_every_row() -> None:
     assert table["count"].max() - table["count"].min() <= 1
     assert table["mean_predicted"].is_monotonic_increasing
     assert np.average(table["fraction_positive"], weights=table["count"]) == pytest.approx(labels.mean())
-
-
-def test_rounded_metrics_are_json_ready_and_refuse_non_finite_values() -> None:
-    metrics = rounded_metrics({"a": {"b": np.float64(1 / 3), "n": np.int64(4), "ok": np.bool_(True), "when": "2024"}})
-    assert metrics == {"a": {"b": round(1 / 3, METRICS_DECIMALS), "n": 4, "ok": True, "when": "2024"}}
-    json.dumps(metrics, allow_nan=False)
-    with pytest.raises(ValueError, match=r"metrics\.ensemble\.log_loss is inf"):
-        rounded_metrics({"ensemble": {"log_loss": math.inf}})
 
 
 # --- feature importance -------------------------------------------------------------------------

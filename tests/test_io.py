@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cryptoml.io import atomic_path, dump_json, write_bytes_atomic, write_json_atomic
+import math
+
+import numpy as np
+
+from cryptoml.io import METRICS_DECIMALS, atomic_path, dump_json, rounded_json, write_bytes_atomic, write_json_atomic
 
 
 def test_failed_write_leaves_old_bytes_and_no_temp_file(tmp_path: Path) -> None:
@@ -35,3 +39,13 @@ def test_json_is_canonical_and_refuses_nan(tmp_path: Path) -> None:
     assert json.loads(target.read_text()) == {"a": [1.5], "b": 1}
     with pytest.raises(ValueError):
         dump_json({"x": float("nan")})
+
+
+def test_rounded_json_is_json_ready_and_refuses_non_finite_values() -> None:
+    metrics = rounded_json({"a": {"b": np.float64(1 / 3), "n": np.int64(4), "ok": np.bool_(True), "when": "2024", "l": (0.5, None)}})
+    assert metrics == {"a": {"b": round(1 / 3, METRICS_DECIMALS), "n": 4, "ok": True, "when": "2024", "l": [0.5, None]}}
+    json.dumps(metrics, allow_nan=False)
+    with pytest.raises(ValueError, match=r"metrics\.ensemble\.log_loss is inf"):
+        rounded_json({"ensemble": {"log_loss": math.inf}})
+    with pytest.raises(TypeError, match="metrics.x is a object"):
+        rounded_json({"x": object()})

@@ -44,7 +44,8 @@ from sklearn.metrics import average_precision_score, f1_score, precision_recall_
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.features import FEATURE_NAMES
 from cryptoml.labels import make_labels
-from cryptoml.training import ENSEMBLE, METRICS_DECIMALS, score
+from cryptoml.io import rounded_json
+from cryptoml.training import ENSEMBLE, score
 
 PROBABILITY_CLIP = 1e-15
 MAX_CURVE_POINTS = 200
@@ -320,21 +321,6 @@ def importance_table(importances: Mapping[str, np.ndarray]) -> pd.DataFrame:
 # --- the whole evaluation -----------------------------------------------------------------------
 
 
-def rounded_metrics(value: Any, key: str = "metrics") -> Any:
-    """JSON-ready copy with floats rounded to METRICS_DECIMALS; NaN or inf is an error naming its key."""
-    if isinstance(value, Mapping):
-        return {str(name): rounded_metrics(item, f"{key}.{name}") for name, item in value.items()}
-    if isinstance(value, (bool, np.bool_, str)):
-        return value if isinstance(value, str) else bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value):
-            raise ValueError(f"{key} is {value}: evaluate.json must hold finite numbers only")
-        return round(float(value), METRICS_DECIMALS)
-    raise TypeError(f"{key} is a {type(value).__name__}, not a JSON number, string, bool or mapping")
-
-
 @dataclass(frozen=True, eq=False)
 class EvaluationResult:
     """`metrics`: the content of metrics/evaluate.json (rounded, finite, JSON-ready);
@@ -394,4 +380,4 @@ def evaluate_holdout(
         "feature_importance": importance_table(ensemble.feature_importances()),
         "equity": trading.equity,
     }
-    return EvaluationResult(metrics=rounded_metrics(metrics), plots=plots)
+    return EvaluationResult(metrics=rounded_json(metrics), plots=plots)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+METRICS_DECIMALS = 6
 
 
 def _umask() -> int:
@@ -51,3 +56,25 @@ def dump_json(obj: Any) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, dump_json(obj).encode())
+
+
+def rounded_json(value: Any, key: str = "metrics") -> Any:
+    """JSON-ready copy with floats rounded to METRICS_DECIMALS, so metric files are stable and readable in diffs.
+
+    NaN or inf is an error naming its dotted key: a metric file must hold finite numbers only.
+    """
+    if isinstance(value, Mapping):
+        return {str(name): rounded_json(item, f"{key}.{name}") for name, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [rounded_json(item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise ValueError(f"{key} is {value}: metric files hold finite numbers only")
+        return round(float(value), METRICS_DECIMALS)
+    raise TypeError(f"{key} is a {type(value).__name__}, not a JSON number, string, bool, list or mapping")

@@ -25,10 +25,10 @@ from sklearn.metrics import (
 )
 
 from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.io import METRICS_DECIMALS, rounded_json
 from cryptoml.labels import Fold, Holdout, HoldoutSplit, build_dataset, holdout_split, walk_forward_splits
 
 ENSEMBLE = "ensemble"
-METRICS_DECIMALS = 6
 
 # Candidate thresholds: these quantiles of the out-of-fold P(up), so the signal fires on 5 % to 95 % of bars.
 THRESHOLD_QUANTILES: np.ndarray = np.linspace(0.05, 0.95, 91)
@@ -209,24 +209,9 @@ class TrainingResult:
         return self.cv.decision_threshold
 
 
-def _rounded(value: Any) -> Any:
-    """JSON-ready copy with floats rounded, so metric files are stable and readable in diffs."""
-    if isinstance(value, Mapping):
-        return {str(key): _rounded(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_rounded(item) for item in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return round(float(value), METRICS_DECIMALS)
-    return value
-
-
 def build_train_metrics(cv: CVResult, split: HoldoutSplit, train_positive_rate: float) -> dict[str, Any]:
     """metrics/train.json: out-of-sample CV scores per model and the sample counts behind them."""
-    return _rounded(
+    return rounded_json(
         {
             "decision_threshold": cv.decision_threshold,
             "cv": {
@@ -308,7 +293,7 @@ def build_training_metadata(
 ) -> dict[str, Any]:
     """models/training/training_metadata.json; every outside fact (time, git, hash) is passed in."""
     split = result.split
-    return _rounded(
+    return rounded_json(
         {
             "created_at": created_at,
             "model_type": type(result.ensemble).__name__,
