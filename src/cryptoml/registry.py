@@ -57,9 +57,10 @@ class RegistryError(ValueError):
 class ProductionVersion:
     """One production model as recorded in git by the promote stage (metrics/promotion.json)."""
 
-    commit: str
+    commit: str  # the commit that recorded it in production: what `cryptoml rollback` takes
     date: str
     model_hash: str
+    source_commit: str | None  # the commit whose code and params made it (its metadata's git_commit)
     metrics: dict[str, float]
     data_start: str | None
     data_end: str | None
@@ -95,6 +96,7 @@ def history(promotion_file: Path, cwd: Path = Path(".")) -> list[ProductionVersi
                 commit=sha,
                 date=date,
                 model_hash=production["model_hash"],
+                source_commit=production.get("git_commit"),
                 metrics=dict(production.get("metrics", {})),
                 data_start=production.get("data_start"),
                 data_end=production.get("data_end"),
@@ -109,8 +111,21 @@ def recorded_production(rev: str, promotion_file: Path, cwd: Path = Path(".")) -
         raise RegistryError(f"{rev!r} is not a git revision in this repository")
     production = production_record(_read_at(rev, promotion_file, cwd) or {})
     if production is None:
-        raise RegistryError(f"revision {rev} has no production model recorded in {promotion_file}")
+        hint = _rollback_hint(rev, promotion_file, cwd)
+        raise RegistryError(f"revision {rev} has no production model recorded in {promotion_file}{hint}")
     return production
+
+
+def _rollback_hint(rev: str, promotion_file: Path, cwd: Path) -> str:
+    """Point from a model's own git_commit (what `cryptoml info` shows) to the commit that recorded it.
+
+    A model is made before the commit that records it, so the two differ and only the latter has its dvc.lock.
+    """
+    sha = _git(["rev-parse", f"{rev}^{{commit}}"], cwd)
+    recorded_at = [version.commit for version in history(promotion_file, cwd) if version.source_commit == sha]
+    if recorded_at:
+        return f"; it is the git_commit of the model recorded at {recorded_at[-1]}: roll back to that commit"
+    return "; `cryptoml history` lists the commits that recorded a production model"
 
 
 def restore_files(rev: str, files: tuple[Path, ...], cwd: Path = Path(".")) -> None:
