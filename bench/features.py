@@ -3,7 +3,9 @@
 Usage: python bench/features.py [--rows 1000000] [--repeats 5]
 
 Both sides are timed alternately and the best of the repeats is kept, so a busy neighbour on a shared machine
-hurts both alike; the figures are still indicative only.
+hurts both alike; the figures are still indicative only. The timed calls are warm: the first call, which compiles
+the numba kernels (or loads them from __pycache__), is made beforehand on a small frame and reported on its own.
+Set NUMBA_CACHE_DIR to an empty directory to see the full compile time.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import argparse
 import time
 from collections.abc import Callable
 
+import numba
 import numpy as np
 import pandas as pd
 import talib
 
+from cryptoml import features
 from cryptoml.features import FEATURE_PARAMS, FeatureManager
 
 
@@ -57,6 +61,16 @@ def talib_indicators(candles: pd.DataFrame) -> Callable[[], None]:
     return run
 
 
+def first_call(manager: FeatureManager, candles: pd.DataFrame) -> str:
+    """Time of the first generate_features call in this process, and whether its kernels were compiled or cached."""
+    kernels = [value for value in vars(features).values() if isinstance(value, numba.core.registry.CPUDispatcher)]
+    start = time.perf_counter()
+    manager.generate_features(candles)
+    elapsed = time.perf_counter() - start
+    compiled = sum(bool(kernel.stats.cache_misses) for kernel in kernels)
+    return f"{elapsed:.2f} s ({compiled} numba kernels compiled, {len(kernels) - compiled} loaded from cache)"
+
+
 def best_seconds(timed: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Best wall time of each callable, taking turns so that load changes hit all of them."""
     best = dict.fromkeys(timed, float("inf"))
@@ -76,12 +90,13 @@ def main() -> None:
 
     candles = random_candles(args.rows)
     manager = FeatureManager()
+    print(f"cold first call: {first_call(manager, candles.iloc[: 2 * manager.warmup_rows])}")
     contenders = {
         "FeatureManager.generate_features": lambda: manager.generate_features(candles),
         "TA-Lib": talib_indicators(candles),
     }
     seconds = best_seconds(contenders, args.repeats)
-    print(f"{args.rows:,} rows, best of {args.repeats} (indicative: shared machine)")
+    print(f"{args.rows:,} rows, best of {args.repeats} warm calls (indicative: shared machine)")
     for name, elapsed in seconds.items():
         print(f"  {name:<34} {elapsed * 1e3:8.1f} ms  {args.rows / elapsed:14,.0f} rows/s")
     ratio = seconds["FeatureManager.generate_features"] / seconds["TA-Lib"]

@@ -21,9 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numba
 import numpy as np
 import pandas as pd
-from scipy.signal import lfilter
 
 FEATURE_VERSION = "1.0.0"
 
@@ -62,7 +62,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("timestamp", *PRICE_COLUMNS, "volume")
 # by the filter's factor per row up to the first returned row (window row LIVE_WINDOW - 1): EMA50 (49/51)**950 ~ 3e-17,
 # below the float resolution of the price (~570 rows would reach 1e-9); MACD's EMA26 (25/27)**974 ~ 3e-33 of the
 # price, under 1e-9 of the MACD unless |macd| < 3e-24 * price; Wilder (13/14)**985 ~ 2e-32. In practice the live
-# and batch recursions end bit-identical; only the rolling std differs, by float rounding (~1e-14 relative).
+# and batch recursions end bit-identical; only the rolling statistics differ, by float rounding (~1e-14 relative).
 LIVE_WINDOW = 1000
 
 # A 20-bar std at most this fraction of the mean price counts as flat (bb_position = 0.5, zscore = 0), and so does
@@ -99,121 +99,137 @@ def _lookbacks() -> dict[str, int]:
     }
 
 
-def _smooth(values: np.ndarray, alpha: float, seed_row: int, seed_len: int) -> np.ndarray:
-    """y = y_prev + alpha * (x - y_prev) from seed_row on, seeded with the mean of the seed_len values ending there.
+@numba.njit(cache=True)
+def _advance(
+    state: float, seed_total: float, value: float, row: int, seed_row: int, seed_len: int, alpha: float
+) -> tuple[float, float]:
+    """One row of y = y_prev + alpha * (x - y_prev) (TA-Lib's form), seeded at seed_row with the mean of the seed_len
+    values ending there; rows before the seed window are ignored. Returns the new (state, seed_total)."""
+    if row > seed_row:
+        return state + alpha * (value - state), seed_total
+    if row > seed_row - seed_len:
+        seed_total += value
+        if row == seed_row:
+            return seed_total / seed_len, seed_total
+    return state, seed_total
 
-    Returns rows seed_row.. (one lfilter pass, no Python loop). The seed goes in as the filter's initial state.
+
+@numba.njit(cache=True)
+def _recursions(
+    high: np.ndarray,
+    low: np.ndarray,
+    close: np.ndarray,
+    first_row: int,
+    rsi_period: int,
+    atr_period: int,
+    macd_periods: tuple[int, int, int],
+    ema_periods: tuple[int, int],
+    flat_rtol: float,
+    rsi: np.ndarray,
+    atr: np.ndarray,
+    macd: np.ndarray,
+    macd_signal: np.ndarray,
+    ema_short: np.ndarray,
+    ema_long: np.ndarray,
+) -> None:
+    """Writes rsi, atr, macd, macd_signal and the two EMAs of rows first_row.. (>= every lookback), in one pass.
+
+    Each recursion is a serial chain of float latencies; running all eight in the same loop lets the CPU overlap
+    them, which is what makes this ~9x faster than one scipy lfilter pass per indicator. Price changes and true ranges
+    exist from row 1, so the Wilder averages are seeded at row `period` (see module docstring for MACD's seeding).
     """
-    seed = values[seed_row - seed_len + 1 : seed_row + 1].mean()
-    tail = values[seed_row:]
-    # Initial state chosen so that the first output is the seed itself: y0 = alpha * x0 + state.
-    smoothed, _ = lfilter([alpha], [1.0, alpha - 1.0], tail, zi=[seed - alpha * tail[0]])
-    return smoothed
+    fast, slow, signal = macd_periods
+    short, long = ema_periods
+    # (state, seed_total) of each recursion.
+    gain = loss = true_range = slow_ema = fast_ema = signal_ema = short_ema = long_ema = (0.0, 0.0)
+    for row in range(len(close)):
+        price = close[row]
+        previous = close[row - 1] if row > 0 else price
+        change = price - previous
+        up = max(change, 0.0)
+        gain = _advance(*gain, up, row, rsi_period, rsi_period, 1.0 / rsi_period)
+        loss = _advance(*loss, up - change, row, rsi_period, rsi_period, 1.0 / rsi_period)
+        range_with_gap = max(high[row], previous) - min(low[row], previous)
+        true_range = _advance(*true_range, range_with_gap, row, atr_period, atr_period, 1.0 / atr_period)
+        slow_ema = _advance(*slow_ema, price, row, slow - 1, slow, 2.0 / (slow + 1))
+        fast_ema = _advance(*fast_ema, price, row, slow - 1, fast, 2.0 / (fast + 1))
+        line = fast_ema[0] - slow_ema[0]
+        signal_ema = _advance(*signal_ema, line, row, slow - 1 + signal - 1, signal, 2.0 / (signal + 1))
+        short_ema = _advance(*short_ema, price, row, short - 1, short, 2.0 / (short + 1))
+        long_ema = _advance(*long_ema, price, row, long - 1, long, 2.0 / (long + 1))
+        out = row - first_row
+        if out >= 0:
+            movement = gain[0] + loss[0]
+            # gain / (gain + loss) first, as TA-Lib does: it cannot round above 1, so the RSI never exceeds 100.
+            rsi[out] = 100.0 * (gain[0] / movement if movement > flat_rtol * price else 0.5)
+            atr[out] = true_range[0]
+            macd[out] = line
+            macd_signal[out] = signal_ema[0]
+            ema_short[out] = short_ema[0]
+            ema_long[out] = long_ema[0]
 
 
-def _ema(values: np.ndarray, period: int) -> np.ndarray:
-    """TA-Lib EMA (alpha = 2/(period+1), SMA seed), rows period-1.."""
-    return _smooth(values, 2.0 / (period + 1), period - 1, period)
+@numba.njit(cache=True)
+def _window_centre(values: np.ndarray, window_start: int, period: int) -> float:
+    """The value a window is centred on: the last one of the `period`-row block (counted from row 0) it starts in."""
+    return values[window_start - window_start % period + period - 1]
 
 
-def _wilder(values_from_row_1: np.ndarray, period: int) -> np.ndarray:
-    """TA-Lib Wilder average of a series that starts at row 1 (price changes, true ranges), rows period.."""
-    return _smooth(values_from_row_1, 1.0 / period, period - 1, period)
+@numba.njit(cache=True)
+def _window_sums(values: np.ndarray, period: int, first_row: int, sums: np.ndarray, squares: np.ndarray) -> None:
+    """Writes sums of (x - centre) and (x - centre)**2 over the `period`-row windows ending at rows first_row.., O(n).
 
-
-def _macd(close: np.ndarray, fast: int, slow: int, signal: int) -> tuple[np.ndarray, np.ndarray]:
-    """MACD line and signal, both from row slow-1+signal-1, with TA-Lib's seeding (see module docstring)."""
-    slow_ema = _ema(close, slow)
-    fast_ema = _smooth(close, 2.0 / (fast + 1), slow - 1, fast)
-    line = fast_ema - slow_ema
-    return line[signal - 1 :], _ema(line, signal)
-
-
-def _accumulate(rows: np.ndarray) -> np.ndarray:
-    """Running sums down axis 0, in place (row by row: ~10x faster than np.cumsum(axis=0) on wide arrays)."""
-    for row in range(1, len(rows)):
-        rows[row] += rows[row - 1]
-    return rows
-
-
-def _zscore(close: np.ndarray, period: int) -> np.ndarray:
-    """(close - mean) / population std over windows ending at rows period-1..; 0 where the window is flat.
-
-    Flat: std <= FLAT_RTOL * mean. Why not sums of x and x**2: var = E[x^2] - E[x]^2 loses (level/std)^2 of
-    precision. Here each window is centred on a value inside it, so the loss is bounded by (range/std)^2 <= ~4*period
-    whatever the price level, and a flat window comes out exactly 0. Windows starting in block b (blocks of `period`
-    rows) lie in blocks b and b+1 and are centred on the last value of block b; suffix sums of block b plus prefix
-    sums of block b+1 give the sums of all `period` windows of the block at once, in O(n). Arrays are laid out
-    [offset in block, block] so that the running sums are wide vectorised adds.
+    Why centred: sums of x and x**2 lose (level/std)**2 of precision in E[x^2] - E[x]^2; centring on a value inside
+    the window bounds the loss by (range/std)**2 <= ~4*period whatever the price level, and a flat window sums to
+    exactly 0. Windows starting in one block lie in it and the next block and share its centre, so suffix sums of the
+    block plus prefix sums of the next give every window of the block.
     """
-    n_windows = len(close) - period + 1
-    n_blocks = -(-n_windows // period)
-    padded = np.empty((n_blocks + 1) * period)
-    padded[: len(close)] = close
-    padded[len(close) :] = close[-1]
-    by_offset = np.ascontiguousarray(padded.reshape(n_blocks + 1, period).T)
-    centre = by_offset[-1, :-1].copy()
-    # Row o: value o-1 of the next block (row 0: 0), i.e. the last value of the window starting at offset o.
-    window_last = np.zeros((period, n_blocks))
-    np.subtract(by_offset[:-1, 1:], centre, out=window_last[1:])
-    block = np.subtract(by_offset[:, :-1], centre, out=by_offset[:, :-1])
-    square_sums = _accumulate((block * block)[::-1])[::-1] + _accumulate(window_last * window_last)
-    mean_from_centre = _accumulate(block[::-1])[::-1] + _accumulate(window_last.copy())
-    mean_from_centre /= period
-    variance = np.divide(square_sums, period, out=square_sums)
-    variance -= mean_from_centre * mean_from_centre
-    std = np.sqrt(np.maximum(variance, 0.0, out=variance), out=variance)
-    # Flat windows get an infinite std, hence zscore 0 (their deviation from the mean is ~0, never inf).
-    std[std <= FLAT_RTOL * (centre + mean_from_centre)] = np.inf
-    zscore = np.divide(np.subtract(window_last, mean_from_centre, out=window_last), std, out=window_last)
-    return zscore.T.ravel()[:n_windows]
+    suffix_sums, suffix_squares = np.empty(period), np.empty(period)
+    first_start = first_row - period + 1
+    for block_start in range(first_start - first_start % period, len(values) - period + 1, period):
+        centre = _window_centre(values, block_start, period)
+        total = total_squares = 0.0
+        for offset in range(period - 1, -1, -1):
+            deviation = values[block_start + offset] - centre
+            total += deviation
+            total_squares += deviation * deviation
+            suffix_sums[offset], suffix_squares[offset] = total, total_squares
+        # The window starting at offset o ends at offset o - 1 of the next block, whose prefix sums run alongside.
+        total = total_squares = 0.0
+        for offset in range(min(period, len(values) - period + 1 - block_start)):
+            if offset > 0:
+                deviation = values[block_start + offset + period - 1] - centre
+                total += deviation
+                total_squares += deviation * deviation
+            window = block_start + offset - first_start
+            if window >= 0:
+                sums[window] = suffix_sums[offset] + total
+                squares[window] = suffix_squares[offset] + total_squares
 
 
-def _rolling_sum(values: np.ndarray, period: int) -> np.ndarray:
-    """Sums over windows ending at rows period-1.., from sums over 1, 2, 4, ... rows picked by the bits of period.
-
-    O(n log period). Every window is added up in the same order wherever the frame starts, so live and batch get
-    bit-identical sums, and an all-zero window sums to exactly 0.
-    """
-    total = np.zeros(len(values) - period + 1)
-    chunk_sums, chunk_rows, covered = values, 1, 0
-    for bit in range(period.bit_length()):
-        if period >> bit & 1:
-            total += chunk_sums[covered : covered + len(total)]
-            covered += chunk_rows
-        if period >> (bit + 1):
-            chunk_sums = chunk_sums[:-chunk_rows] + chunk_sums[chunk_rows:]
-            chunk_rows *= 2
-    return total
+@numba.njit(cache=True)
+def _zscore(
+    close: np.ndarray, period: int, first_row: int, flat_rtol: float, zscore: np.ndarray, scratch: np.ndarray
+) -> None:
+    """Writes (close - mean) / population std over `period` rows, for rows first_row..; 0 if std <= flat_rtol * mean."""
+    _window_sums(close, period, first_row, zscore, scratch)
+    for window in range(len(zscore)):
+        row = first_row + window
+        centre = _window_centre(close, row - period + 1, period)
+        mean_from_centre = zscore[window] / period
+        std = np.sqrt(max(scratch[window] / period - mean_from_centre * mean_from_centre, 0.0))
+        flat = std <= flat_rtol * (centre + mean_from_centre)
+        zscore[window] = 0.0 if flat else (close[row] - centre - mean_from_centre) / std
 
 
-def _rsi(close: np.ndarray, period: int) -> np.ndarray:
-    """Wilder RSI from row `period`; 50 when the smoothed gain + loss is within FLAT_RTOL of the close."""
-    change = np.diff(close)
-    gain = np.maximum(change, 0.0)
-    loss = gain - change
-    average_gain = _wilder(gain, period)
-    average_movement = average_gain + _wilder(loss, period)
-    moved = average_movement > FLAT_RTOL * close[period:]
-    gain_share = np.full(len(average_gain), 0.5)
-    # gain / (gain + loss) first, as TA-Lib does: it cannot round above 1, so the RSI never exceeds 100.
-    np.divide(average_gain, average_movement, out=gain_share, where=moved)
-    return 100.0 * gain_share
-
-
-def _atr(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int) -> np.ndarray:
-    """Wilder ATR from row `period`; the true range max(h, prev c) - min(l, prev c) needs high >= low."""
-    previous_close = close[:-1]
-    true_range = np.maximum(high[1:], previous_close) - np.minimum(low[1:], previous_close)
-    return _wilder(true_range, period)
-
-
-def _volume_ratio(volume: np.ndarray, period: int) -> np.ndarray:
-    """volume / mean volume from row period-1; 1.0 where the window has no volume at all."""
-    window_total = _rolling_sum(volume, period)
-    ratio = np.ones(len(window_total))
-    np.divide(period * volume[period - 1 :], window_total, out=ratio, where=window_total > 0)
-    return ratio
+@numba.njit(cache=True)
+def _volume_ratio(volume: np.ndarray, period: int, first_row: int, ratio: np.ndarray, scratch: np.ndarray) -> None:
+    """Writes volume / mean volume over `period` rows, for rows first_row..; 1.0 where the window has no volume."""
+    _window_sums(volume, period, first_row, ratio, scratch)
+    for window in range(len(ratio)):
+        row = first_row + window
+        mean = _window_centre(volume, row - period + 1, period) + ratio[window] / period
+        ratio[window] = volume[row] / mean if mean > 0.0 else 1.0
 
 
 def _columns(ohlcv: pd.DataFrame) -> tuple[pd.DatetimeIndex, dict[str, np.ndarray]]:
@@ -230,9 +246,10 @@ def _columns(ohlcv: pd.DataFrame) -> tuple[pd.DatetimeIndex, dict[str, np.ndarra
     if not isinstance(timestamps.dtype, pd.DatetimeTZDtype):
         raise ValueError(f"timestamp must be tz-aware UTC datetimes, got dtype {timestamps.dtype}")
     index = pd.DatetimeIndex(timestamps, name="timestamp").tz_convert("UTC")
-    steps = np.diff(index.asi8)
-    if (steps <= 0).any():
-        row = int(np.argmax(steps <= 0)) + 1
+    nanoseconds = index.asi8
+    not_after_previous = nanoseconds[1:] <= nanoseconds[:-1]
+    if not_after_previous.any():
+        row = int(np.argmax(not_after_previous)) + 1
         raise ValueError(f"timestamp must be strictly increasing; row {row} ({index[row]}) is not after row {row - 1}")
     columns = {name: ohlcv[name].to_numpy(dtype=np.float64) for name in (*PRICE_COLUMNS, "volume")}
     for name, values in columns.items():
@@ -281,29 +298,36 @@ class FeatureManager:
         if len(index) <= warmup:
             raise ValueError(f"need at least {warmup + 1} candles to get one feature row; got {len(index)}")
         close, volume = columns["close"], columns["volume"]
-        macd, macd_signal = _macd(close, *_macd_periods())
+        # One (feature, row) block that every kernel writes into: the frame takes it without a copy, and one large
+        # allocation costs far fewer page faults than twelve.
+        block = np.empty((len(FEATURE_NAMES), len(index) - warmup))
+        feature = dict(zip(FEATURE_NAMES, block, strict=True))
+        scratch = np.empty(block.shape[1])
+        feature["close"][:], feature["volume"][:] = close[warmup:], volume[warmup:]
+        np.divide(close[warmup:], close[warmup - 1 : -1], out=feature["returns_1"])
+        feature["returns_1"] -= 1.0
+        _recursions(
+            columns["high"],
+            columns["low"],
+            close,
+            warmup,
+            _param("rsi_14"),
+            _param("atr_14"),
+            _macd_periods(),
+            (_param("ema_20"), _param("ema_50")),
+            FLAT_RTOL,
+            *(feature[name] for name in ("rsi_14", "atr_14", "macd", "macd_signal", "ema_20", "ema_50")),
+        )
         bb_period, zscore_period = _param("bb_position"), _param("zscore")
-        zscores = {period: _zscore(close, period) for period in {bb_period, zscore_period}}
-        values_from_lookback = {
-            "close": close,
-            "volume": volume,
-            "returns_1": close[1:] / close[:-1] - 1.0,
-            "rsi_14": _rsi(close, _param("rsi_14")),
-            "macd": macd,
-            "macd_signal": macd_signal,
-            "atr_14": _atr(columns["high"], columns["low"], close, _param("atr_14")),
-            "bb_position": 0.5 + zscores[bb_period] / (2.0 * FEATURE_PARAMS["bb_position"]["n_std"]),
-            "ema_20": _ema(close, _param("ema_20")),
-            "ema_50": _ema(close, _param("ema_50")),
-            "zscore": zscores[zscore_period],
-            "volume_ratio": _volume_ratio(volume, _param("volume_ratio")),
-        }
-        lookbacks = _lookbacks()
-        # One array per column: a single 2-D block would copy all twelve again (~20 ms per million rows). close and
-        # volume are copied because they are read-only views of the caller's frame.
-        aligned = {name: values_from_lookback[name][warmup - lookbacks[name] :] for name in FEATURE_NAMES}
-        aligned["close"], aligned["volume"] = aligned["close"].copy(), aligned["volume"].copy()
-        return pd.DataFrame(aligned, index=index[warmup:], copy=False)
+        _zscore(close, zscore_period, warmup, FLAT_RTOL, feature["zscore"], scratch)
+        if bb_period == zscore_period:
+            feature["bb_position"][:] = feature["zscore"]
+        else:
+            _zscore(close, bb_period, warmup, FLAT_RTOL, feature["bb_position"], scratch)
+        feature["bb_position"] /= 2.0 * FEATURE_PARAMS["bb_position"]["n_std"]
+        feature["bb_position"] += 0.5
+        _volume_ratio(volume, _param("volume_ratio"), warmup, feature["volume_ratio"], scratch)
+        return pd.DataFrame(block.T, index=index[warmup:], columns=list(FEATURE_NAMES), copy=False)
 
     def generate_latest(self, ohlcv: pd.DataFrame, n_rows: int = 1) -> pd.DataFrame:
         """Features of the last n_rows candles, from only the last LIVE_WINDOW + n_rows - 1 of them.
