@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-slow bench lock clean-venv
+.PHONY: setup repro test test-slow bench lock clean-venv dvc-remote
 
 setup: $(STAMP)
 
@@ -28,6 +28,17 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	python bench/features.py
 	python bench/predict.py
+	python bench/serve.py
+
+# CI (after setup): the S3-compatible DVC remote given by the environment (DVC_REMOTE_URL, DVC_REMOTE_ENDPOINT),
+# written to the untracked .dvc/config.local; without DVC_REMOTE_URL the remote in .dvc/config is used.
+dvc-remote:
+ifdef DVC_REMOTE_URL
+	dvc remote add --local --force --default ci "$(DVC_REMOTE_URL)"
+	$(if $(DVC_REMOTE_ENDPOINT),dvc remote modify --local ci endpointurl "$(DVC_REMOTE_ENDPOINT)")
+else
+	@echo "DVC_REMOTE_URL is not set: using the default remote of .dvc/config"
+endif
 
 # Re-resolve pinned versions after editing dependencies in pyproject.toml (needs the registry).
 lock: $(STAMP)

@@ -3,7 +3,8 @@ and the wall time of the train stage on the default data.
 
     python bench/predict.py [MODEL_DIR] [--calls N] [--no-train-stage]
 
-The ensemble is loaded from MODEL_DIR (or trained with the default hyperparameters on seeded random
+The ensemble is loaded with its native backend (bench/serve.py measures the ONNX serving path) from
+MODEL_DIR (or trained with the default hyperparameters on seeded random
 data and saved to a temporary directory) and predicts with n_jobs=1. The naive path is how the
 original worked: the three sklearn-API estimators' predict_proba one after another, RandomForest
 with n_jobs=-1, fitted with the same hyperparameters on the seeded random data. Both get the same
@@ -104,14 +105,14 @@ def main() -> None:
             start = time.perf_counter()
             ProductionEnsemble(n_jobs=1, random_state=SEED).fit(X, y).save(model_dir)
             print(f"trained and saved a default ProductionEnsemble on {TRAIN_ROWS} random rows in {time.perf_counter() - start:.1f} s")
-        ensemble = ProductionEnsemble.load(model_dir).set_params(n_jobs=1)
+        ensemble = ProductionEnsemble.load(model_dir, backend="native").set_params(n_jobs=1)
     info = ensemble.get_model_info()
     naive = naive_predictor(info["hyperparameters"], info["weights"], X, y)
     rows = [X.iloc[[i]] for i in range(ROW_POOL)]
 
     print(f"model {info['model_sha256']}; {args.calls} single-row predict_proba calls each after {WARMUP_CALLS} warm-up calls")
     results = {
-        "ProductionEnsemble (loaded, n_jobs=1)": latencies_ms(ensemble.predict_proba, rows, args.calls),
+        "ProductionEnsemble (native backend, n_jobs=1)": latencies_ms(ensemble.predict_proba, rows, args.calls),
         "naive sklearn-API, RandomForest n_jobs=-1": latencies_ms(naive, rows, args.calls),
     }
     print(f"{'implementation':45s} {'p50 ms':>9s} {'p99 ms':>9s} {'mean ms':>9s}")

@@ -302,10 +302,11 @@ def test_fit_refuses_bad_labels(labels: Any, message: str, data: tuple[pd.DataFr
 
 
 def test_save_load_round_trip_predicts_identically(data: tuple[pd.DataFrame, pd.Series], tmp_path: Path) -> None:
+    """The native files round-trip bit for bit (the ONNX graph's parity is tested in test_serving)."""
     X, _ = data
     model = fit_small(decision_threshold=0.45)
     model_sha256 = model.save(tmp_path, version_info={"git_commit": "abc123"})
-    loaded = ProductionEnsemble.load(tmp_path)
+    loaded = ProductionEnsemble.load(tmp_path, backend="native")
     assert isinstance(loaded.lightgbm_booster_, lightgbm.Booster)
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))

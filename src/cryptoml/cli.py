@@ -132,6 +132,30 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print everything 
 
 @app.command()
 @_command
+def predict(
+    input_csv: Annotated[
+        Path, typer.Option("--input", help="candles CSV: timestamp,open,high,low,close,volume (UTC, oldest first)")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (for machines)")] = False,
+    rows: Annotated[int, typer.Option("--rows", min=1, help="signals for the last ROWS closed candles")] = 1,
+    model_dir: Annotated[Path, typer.Option("--model", help="model directory")] = paths.PRODUCTION_DIR,
+    params_file: ParamsOption = paths.PARAMS,
+) -> None:
+    """Signal (up/flat) and P(up) of the production model for the latest closed candle(s) in a CSV (>= 1000 candles)."""
+    from cryptoml.io import dump_json
+    from cryptoml.predict import iso_utc, run_predict
+
+    prediction = run_predict(input_csv, load_params(params_file).data.timeframe, model_dir, rows)
+    if as_json:
+        typer.echo(dump_json(prediction.as_json()), nl=False)
+        return
+    for signal in prediction.signals:
+        typer.echo(f"{iso_utc(signal.timestamp)}  {signal.signal:<4}  P(up) {signal.p_up:.4f}  (up when >= {prediction.decision_threshold:.4f})")
+    typer.echo(f"model {prediction.model_sha256} ({prediction.backend})")
+
+
+@app.command()
+@_command
 def history() -> None:
     """List every production version recorded in git (oldest first)."""
     from cryptoml.registry import history as production_history
@@ -156,8 +180,8 @@ def rollback(
     rev: Annotated[str, typer.Argument(help="git revision whose production model to restore")],
     pull: Annotated[bool, typer.Option("--pull", help="fetch the outputs from the DVC remote")] = False,
 ) -> None:
-    """Restore the production model of REV (dvc.lock + params.yaml + metrics, then dvc checkout, sha256 verified)."""
-    from cryptoml.pipeline import run_rollback
+    """Restore REV's production model: its dvc.lock, params, metrics and plots, then dvc checkout (sha256 verified)."""
+    from cryptoml.pipeline import ROLLBACK_FILES, run_rollback
 
     before, after = run_rollback(rev, pull=pull)
     old = before["model_hash"] if before else "none"
@@ -165,4 +189,26 @@ def rollback(
     for key, value in after["metrics"].items():
         previous = before["metrics"].get(key) if before else None
         typer.echo(f"  {key:>10}: {previous} -> {value}")
-    typer.echo("dvc.lock, params.yaml and metrics/ are restored from " f"{rev}: review and commit them.")
+    restored = ", ".join(path.as_posix() for path in ROLLBACK_FILES)
+    typer.echo(f"{restored} are restored from {rev}: review and commit them.")
+
+
+@app.command()
+def retrain(
+    until: Annotated[
+        str | None,
+        typer.Option("--until", help="train on the candles closed by this UTC time (ISO 8601, e.g. 2025-01-06T00:00:00Z; default now)"),
+    ] = None,
+    pr_body: Annotated[Path | None, typer.Option("--pr-body", help="write the pull-request markdown here (default stdout)")] = None,
+    base: Annotated[str, typer.Option("--base", help="the branch the pull request targets; the diffs compare with it")] = "main",
+    push: Annotated[bool, typer.Option("--push", help="push the retrain/<date> branch to origin after a promotion")] = False,
+) -> None:
+    """Weekly retrain: move data.end, commit it on retrain/<date>, dvc pull + repro; on a promotion dvc push and commit.
+
+    Exit 0: promoted (branch committed, pull-request body written). Exit 2: rejected by the quality gate.
+    Exit 1: failed. A rejection or failure alerts the webhook in $CRYPTOML_ALERT_WEBHOOK (never printed).
+    """
+    from cryptoml.retrain import retrain as run_retrain
+
+    configure_logging()
+    raise typer.Exit(code=int(run_retrain(until, base=base, pr_body=pr_body, push=push)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from cryptoml.evaluation import EvaluationResult, evaluate_holdout
 from cryptoml.features import FeatureManager
 from cryptoml.timeframe import parse_timeframe
 from cryptoml.io import atomic_path, write_json_atomic
-from cryptoml.labels import build_dataset, holdout_split
+from cryptoml.labels import HoldoutSplit, build_dataset, holdout_split
 from cryptoml.promotion import Decision, decide, promote, read_production_metadata
 from cryptoml.registry import RegistryError, dvc, recorded_production, restore_files, source_commit
 from cryptoml.training import TrainingSettings, build_training_metadata, run_training
@@ -86,7 +87,8 @@ def run_train(params: Params) -> None:
         "data_start": params.data.start.isoformat(),
         "data_end": params.data.end.isoformat(),
     }
-    model_hash = result.ensemble.save(paths.TRAINING_DIR, version_info=version_info)
+    # Every feature row, labelled or not: the ONNX graph must reproduce the native P(up) wherever it may be served.
+    model_hash = result.ensemble.save(paths.TRAINING_DIR, version_info=version_info, parity_rows=features)
     metadata = build_training_metadata(
         result,
         created_at=commit.committed_at or "unknown",
@@ -107,11 +109,17 @@ def run_train(params: Params) -> None:
     )
 
 
-def evaluate_model(model: ProductionEnsemble, params: Params) -> EvaluationResult:
-    """Score `model` on the holdout rows defined by params (the same rows for challenger and champion)."""
+def labelled_rows(params: Params) -> tuple[pd.DataFrame, pd.Series, HoldoutSplit, pd.Series]:
+    """The labelled feature rows, their labels, the holdout split params define, and the close prices."""
     features, close = read_training_inputs()
     X, y = build_dataset(features, close, params.label.horizon, params.label.threshold)
     split = holdout_split(X.index, params.split.holdout_value, params.label.horizon, params.split.embargo)
+    return X, y, split, close
+
+
+def evaluate_model(model: ProductionEnsemble, params: Params) -> EvaluationResult:
+    """Score `model` on the holdout rows defined by params (the same rows for challenger and champion)."""
+    X, y, split, close = labelled_rows(params)
     return evaluate_holdout(
         model,
         X.iloc[split.holdout],
@@ -200,8 +208,16 @@ def production_metadata(challenger: ProductionEnsemble, champion: ProductionEnse
 
 
 def run_promote(params: Params) -> Decision:
-    """promote: gate the challenger against the baselines and the re-scored champion; swap production on a pass."""
-    challenger = ProductionEnsemble.load(paths.TRAINING_DIR)
+    """promote: gate the challenger against the baselines and the re-scored champion; swap production on a pass.
+
+    First the challenger's ONNX graph, which production will serve, must reproduce the native P(up) on
+    every holdout row (within serving.PARITY_TOLERANCE): otherwise ParityError ends the stage before
+    the gate, and production and metrics/promotion.json are left as they were.
+    """
+    challenger = ProductionEnsemble.load(paths.TRAINING_DIR, backend="onnx")
+    X, _, split, _ = labelled_rows(params)
+    parity = challenger.check_serving_parity(X.iloc[split.holdout])
+    log.info("ONNX graph vs native models on %d holdout rows: max |P(up) difference| %.2g", parity.rows, parity.max_abs_difference)
     evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
     champion, champion_metrics, note = load_champion(params)
     decision = decide(
@@ -215,7 +231,15 @@ def run_promote(params: Params) -> Decision:
     )
     if decision.promote:
         promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(challenger, champion, evaluation["ensemble"]))
-    record = {**decision.as_json(), "production": production_record(read_production_metadata(paths.PRODUCTION_DIR))}
+    else:
+        # DVC fails a stage whose output is missing: a first challenger that fails the gate leaves an empty
+        # production directory (nothing to serve) rather than a failed `dvc repro`.
+        paths.PRODUCTION_DIR.mkdir(parents=True, exist_ok=True)
+    record = {
+        **decision.as_json(),
+        "serving_parity": asdict(parity),
+        "production": production_record(read_production_metadata(paths.PRODUCTION_DIR)),
+    }
     write_json_atomic(paths.PROMOTION_METRICS, record)
     verdict = "PROMOTED" if decision.promote else "REJECTED"
     log.info("%s %s", verdict, challenger.model_sha256_)
@@ -224,13 +248,14 @@ def run_promote(params: Params) -> Decision:
     return decision
 
 
-ROLLBACK_FILES = (Path("dvc.lock"), paths.PARAMS, paths.METRICS_DIR)
+# What git keeps of a version: the lock, its params, and the uncached (cache: false) metrics and plots.
+ROLLBACK_FILES = (Path("dvc.lock"), paths.PARAMS, paths.METRICS_DIR, paths.PLOTS_DIR)
 
 
 def run_rollback(rev: str, pull: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Restore the production model of git revision `rev` through its dvc.lock; return (before, after) records.
 
-    dvc.lock, params.yaml and metrics/ come back from `rev` so `dvc status` agrees with the restored outputs;
+    ROLLBACK_FILES come back from `rev` so `dvc status` agrees with the restored outputs;
     `dvc checkout` (or `dvc pull` with `pull`) restores the bytes, and the model hash is verified.
     """
     target = recorded_production(rev, paths.PROMOTION_METRICS)
@@ -242,7 +267,7 @@ def run_rollback(rev: str, pull: bool = False) -> tuple[dict[str, Any] | None, d
         raise RegistryError(
             f"{exc}\nThe files of {rev} are restored but its outputs are not in the local cache: "
             "retry with `cryptoml rollback --pull` (needs the DVC remote), or undo with "
-            "`git checkout HEAD -- dvc.lock params.yaml metrics`"
+            f"`git checkout HEAD -- {' '.join(path.as_posix() for path in ROLLBACK_FILES)}`"
         ) from None
     restored = ProductionEnsemble.load(paths.PRODUCTION_DIR)
     if restored.model_sha256_ != target["model_hash"]:

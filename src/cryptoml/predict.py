@@ -1,0 +1,108 @@
+"""`cryptoml predict`: the production model's signal for the latest closed candle(s) of a candle CSV.
+
+The candles pass the fetch stage's validation (data.timeframe grid, prices, order); a last candle
+that is still open at `now` is left out, since its close, high, low and volume are not final. The
+features come from FeatureManager.generate_latest, which reads the last LIVE_WINDOW candles, so the
+file must hold at least that many closed ones. The model is loaded with every hash verified and
+serves through its ONNX graph unless CRYPTOML_BACKEND=native.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cryptoml.data import read_csv_candles, summarize_candles, validate_candles
+from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.features import LIVE_WINDOW, FeatureManager
+from cryptoml.timeframe import parse_timeframe
+
+log = logging.getLogger(__name__)
+
+SIGNALS = {0: "flat", 1: "up"}
+_CSV_FIRST_LINE = 2  # after the header
+
+
+@dataclass(frozen=True)
+class Signal:
+    """The model's call on one closed candle."""
+
+    timestamp: pd.Timestamp  # the candle's open time, as in the file
+    p_up: float
+    signal: str  # "up" or "flat"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Signals of the latest closed candles and the model that made them."""
+
+    signals: list[Signal]
+    model_sha256: str
+    backend: str
+    decision_threshold: float
+    open_candles_skipped: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "model_sha256": self.model_sha256,
+            "backend": self.backend,
+            "decision_threshold": self.decision_threshold,
+            "open_candles_skipped": self.open_candles_skipped,
+            "predictions": [
+                {"timestamp": iso_utc(signal.timestamp), "signal": signal.signal, "p_up": signal.p_up} for signal in self.signals
+            ],
+        }
+
+
+def iso_utc(timestamp: pd.Timestamp) -> str:
+    return timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def closed_candles(candles: pd.DataFrame, timeframe: str, now: pd.Timestamp) -> pd.DataFrame:
+    """The candles whose close time (open time + timeframe) is at or before `now`."""
+    closes = candles["timestamp"] + parse_timeframe(timeframe)
+    return candles[closes <= now].reset_index(drop=True)
+
+
+def signals(features: pd.DataFrame, model: ProductionEnsemble) -> list[Signal]:
+    """The model's signal for each feature row (indexed by candle open time)."""
+    p_up = model.predict_proba(features)[:, 1]
+    labels = model.predict(features)
+    return [
+        Signal(timestamp=timestamp, p_up=float(probability), signal=SIGNALS[int(label)])
+        for timestamp, probability, label in zip(features.index, p_up, labels, strict=True)
+    ]
+
+
+def run_predict(
+    csv_path: Path, timeframe: str, model_dir: Path, n_rows: int = 1, now: pd.Timestamp | None = None
+) -> Prediction:
+    """Read and validate the CSV, load the model, and predict the last n_rows closed candles."""
+    candles, _ = validate_candles(read_csv_candles(csv_path), timeframe, str(csv_path), first_line=_CSV_FIRST_LINE)
+    closed = closed_candles(candles, timeframe, pd.Timestamp.now(tz="UTC") if now is None else now)
+    if closed.empty:
+        raise ValueError(f"{csv_path}: no closed {timeframe} candle (the last one opens at {iso_utc(candles['timestamp'].iloc[-1])})")
+    try:
+        features = FeatureManager().generate_latest(closed, n_rows=n_rows)
+    except ValueError as exc:
+        raise ValueError(f"{csv_path}: {len(closed)} closed candle(s): {exc}") from None
+    # generate_latest reads the last LIVE_WINDOW + n_rows - 1 candles.
+    used = summarize_candles(closed.iloc[-(LIVE_WINDOW + n_rows - 1) :], timeframe)
+    if used.gaps:
+        log.warning(
+            "%s: %d gap(s) (%d missing candle(s)) in the candles the features were computed from: the indicators "
+            "treat the candles around a gap as consecutive",
+            csv_path, used.gaps, used.missing_candles,
+        )
+    model = ProductionEnsemble.load(model_dir)
+    return Prediction(
+        signals=signals(features, model),
+        model_sha256=str(model.model_sha256_),
+        backend=model.serving_backend,
+        decision_threshold=float(model.decision_threshold),
+        open_candles_skipped=len(candles) - len(closed),
+    )
