@@ -18,10 +18,10 @@ from cryptoml.config import Params
 from cryptoml.console import progress
 from cryptoml.data import fetch_candles, read_candles, write_parquet
 from cryptoml.ensemble import MANIFEST_NAME, ArtifactError, ProductionEnsemble
-from cryptoml.evaluation import EvaluationResult, evaluate_holdout
+from cryptoml.evaluation import EvaluationResult, classification_metrics, evaluate_holdout
 from cryptoml.features import FeatureManager
 from cryptoml.timeframe import parse_timeframe
-from cryptoml.io import atomic_path, write_json_atomic
+from cryptoml.io import atomic_path, rounded_json, write_json_atomic
 from cryptoml.labels import HoldoutSplit, build_dataset, holdout_split
 from cryptoml.promotion import Decision, decide, promote, read_production_metadata
 from cryptoml.registry import RegistryError, dvc, recorded_production, restore_files, source_commit
@@ -166,15 +166,17 @@ def run_evaluate(params: Params) -> None:
 KEY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "f1", "mcc", "precision", "recall", "accuracy")
 
 
-def load_champion(params: Params) -> tuple[ProductionEnsemble | None, dict[str, float] | None, str | None]:
-    """The production model re-scored on this run's holdout, or why there is none to compare with."""
+def load_champion(X_holdout: pd.DataFrame, y_holdout: pd.Series) -> tuple[ProductionEnsemble | None, dict[str, float] | None, str | None]:
+    """The production model re-scored on this run's holdout rows, or why there is none to compare with."""
     if not (paths.PRODUCTION_DIR / MANIFEST_NAME).exists():
         return None, None, None
     try:
         champion = ProductionEnsemble.load(paths.PRODUCTION_DIR)
     except ArtifactError as exc:
         return None, None, f"the production model cannot be loaded, so it is not re-scored: {exc}"
-    return champion, evaluate_model(champion, params).metrics["ensemble"], None
+    p_up = champion.predict_proba(X_holdout)[:, 1]
+    # Rounded like metrics/evaluate.json, so challenger and champion are compared at the same precision.
+    return champion, rounded_json(classification_metrics(y_holdout.to_numpy(), p_up, champion.decision_threshold)), None
 
 
 def production_record(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -215,11 +217,12 @@ def run_promote(params: Params) -> Decision:
     the gate, and production and metrics/promotion.json are left as they were.
     """
     challenger = ProductionEnsemble.load(paths.TRAINING_DIR, backend="onnx")
-    X, _, split, _ = labelled_rows(params)
-    parity = challenger.check_serving_parity(X.iloc[split.holdout])
+    X, y, split, _ = labelled_rows(params)
+    X_holdout, y_holdout = X.iloc[split.holdout], y.iloc[split.holdout]
+    parity = challenger.check_serving_parity(X_holdout)
     log.info("ONNX graph vs native models on %d holdout rows: max |P(up) difference| %.2g", parity.rows, parity.max_abs_difference)
     evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
-    champion, champion_metrics, note = load_champion(params)
+    champion, champion_metrics, note = load_champion(X_holdout, y_holdout)
     decision = decide(
         evaluation["ensemble"],
         evaluation["baselines"],
