@@ -10,7 +10,9 @@ fitted with the same hyperparameters on the same rows (bench/predict.py's naive_
 
 Printed: single-row p50/p99 latency of both paths and their ratio (one-row DataFrames, the shape
 FeatureManager.generate_latest gives a bot); batch throughput on out-of-sample feature rows; wall
-time and peak RSS of fresh processes that import, load the model and predict one row; artifact sizes;
+time and peak RSS of fresh processes that import, load the model and predict one row (through the
+light cryptoml.serving.ServingModel, through ProductionEnsemble, onnxruntime alone, and a bot's whole
+step with FeatureManager on CSV candles); artifact sizes;
 each target with its verdict. The machine may be shared: the load average is printed, and the
 figures are indicative.
 """
@@ -33,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from cryptoml.config import Params, load_params
-from cryptoml.ensemble import COMPONENT_SUFFIXES, MANIFEST_NAME, ONNX_GRAPH, ProductionEnsemble, read_artifacts
+from cryptoml.artifacts import COMPONENT_SUFFIXES, MANIFEST_NAME, ONNX_GRAPH, read_artifacts
+from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.features import LIVE_WINDOW, FeatureManager
 from cryptoml.labels import build_dataset, holdout_split
 from cryptoml.synthetic import simulate_candles
@@ -73,6 +76,26 @@ imported = time.perf_counter()
 model = ProductionEnsemble.load(Path(sys.argv[1]))
 report(imported, model.serving_backend, model.predict_proba(np.array([json.loads(sys.argv[2])]))[0, 1])
 """
+# The light serving path: cryptoml.serving.ServingModel (no scikit-learn, pandas, LightGBM, XGBoost, numba).
+SERVING_PROCESS = _SCRIPT_HEAD + """
+import numpy as np
+from pathlib import Path
+from cryptoml.serving import ServingModel
+imported = time.perf_counter()
+model = ServingModel.load(Path(sys.argv[1]))
+report(imported, "ServingModel", model.predict_proba(np.array([json.loads(sys.argv[2])]))[0, 1])
+"""
+# A bot's whole step: the light model plus FeatureManager on the last LIVE_WINDOW candles of a CSV (sys.argv[3]).
+BOT_PROCESS = _SCRIPT_HEAD + """
+from pathlib import Path
+from cryptoml.data import read_csv_candles, validate_candles
+from cryptoml.features import FeatureManager
+from cryptoml.serving import ServingModel
+imported = time.perf_counter()
+model = ServingModel.load(Path(sys.argv[1]))
+candles, _ = validate_candles(read_csv_candles(Path(sys.argv[3])), sys.argv[4], sys.argv[3])
+report(imported, "ServingModel", model.predict_proba(FeatureManager().generate_latest(candles))[0, 1])
+"""
 # The floor: onnxruntime alone on the same (already verified, unpacked) graph, no cryptoml import.
 GRAPH_ONLY_PROCESS = _SCRIPT_HEAD + """
 import numpy as np, onnxruntime
@@ -107,9 +130,10 @@ def throughput(predict_proba: Callable[[pd.DataFrame], np.ndarray], rows: pd.Dat
     return len(rows) / (time.perf_counter() - start)
 
 
-def fresh_process(script: str, target: Path, row: list[float]) -> dict[str, float]:
+def fresh_process(script: str, target: Path, row: list[float], *extra: Path | str) -> dict[str, float]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", script, str(target), json.dumps(row)], capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", script, str(target), json.dumps(row), *map(str, extra)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
     return {**json.loads(result.stdout.splitlines()[-1]), "wall_s": time.perf_counter() - start}
 
 
@@ -183,10 +207,14 @@ def main() -> None:
         stored = read_artifacts(model_dir).files
         graph = next(data for name, data in stored.items() if name.endswith(COMPONENT_SUFFIXES[ONNX_GRAPH]))
         graph_path.write_bytes(gzip.decompress(graph))
+        recent_csv = Path(scratch) / "recent.csv"
+        history.to_csv(recent_csv, index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
         print("\nfresh process: import, load, predict one row")
-        processes = {"ProductionEnsemble.load (cryptoml)": fresh_process(FRESH_PROCESS, model_dir, row),
+        processes = {"ServingModel.load (cryptoml.serving)": fresh_process(SERVING_PROCESS, model_dir, row),
+                     "ProductionEnsemble.load (cryptoml)": fresh_process(FRESH_PROCESS, model_dir, row),
                      "onnxruntime alone on the graph (floor)": fresh_process(GRAPH_ONLY_PROCESS, graph_path, row)}
-        for name, figures in processes.items():
+        bot = fresh_process(BOT_PROCESS, model_dir, row, recent_csv, params.data.timeframe)
+        for name, figures in {**processes, f"a bot: ServingModel + features of {LIVE_WINDOW} CSV candles": bot}.items():
             print(
                 f"  {name:40s} wall {figures['wall_s']:5.2f} s (imports {figures['import_s']:4.2f} s, "
                 f"load + first prediction {figures['load_predict_s']:4.2f} s), peak RSS {figures['peak_rss_mb']:4.0f} MB"
@@ -203,7 +231,7 @@ def main() -> None:
     print(f"  single-row p50 <= {TARGET_P50_MS} ms: {serving_p50:.3f} ms, {verdict(serving_p50 <= TARGET_P50_MS)}")
     speedup = naive_p50 / serving_p50
     print(f"  >= {TARGET_SPEEDUP:.0f}x faster than naive (p50): {speedup:.0f}x, {verdict(speedup >= TARGET_SPEEDUP)}")
-    for name, figures in processes.items():
+    for name, figures in list(processes.items())[:2]:
         load_s, rss = figures["load_predict_s"], figures["peak_rss_mb"]
         print(f"  {name}: load + first prediction < {TARGET_LOAD_SECONDS} s: {load_s:.2f} s, {verdict(load_s < TARGET_LOAD_SECONDS)}; "
               f"peak RSS < {TARGET_PEAK_RSS_MB:.0f} MB: {rss:.0f} MB, {verdict(rss < TARGET_PEAK_RSS_MB)}")

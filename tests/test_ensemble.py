@@ -23,18 +23,13 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import FunctionTransformer
 
+from cryptoml import artifacts as artifacts_module
 from cryptoml import ensemble as ensemble_module
-from cryptoml.ensemble import (
-    COMPONENT_SUFFIXES,
-    DEFAULT_WEIGHTS,
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    MODEL_NAMES,
-    ArtifactError,
-    ProductionEnsemble,
-    validate_weights,
-)
+from cryptoml.artifacts import COMPONENT_SUFFIXES, MANIFEST_FORMAT, MANIFEST_NAME, MODEL_NAMES, ArtifactError, validate_weights
+from cryptoml.ensemble import DEFAULT_WEIGHTS, ProductionEnsemble
+from cryptoml.feature_spec import FEATURE_PARAMS
 from cryptoml.features import FEATURE_NAMES, FEATURE_VERSION, FeatureManager
+from cryptoml.serving import ServingModel
 
 # Few, shallow trees: the contract does not depend on model size and the tests stay fast.
 SMALL_PARAMS = {name: {"n_estimators": 8} for name in MODEL_NAMES}
@@ -404,6 +399,7 @@ def test_get_model_info_describes_the_model(tmp_path: Path) -> None:
     assert type(saved_info["version_info"]["n_rows"]) is int, "numpy scalars are stored as plain JSON numbers"
 
 
+@pytest.mark.fault
 def test_load_defaults_to_models_production(saved_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ArtifactError, match=r"models/production/ensemble.json: manifest missing"):
@@ -425,6 +421,7 @@ def parsers_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("parsers_must_not_run")
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.fault
 def test_a_modified_file_is_refused_before_parsing(model_name: str, model_copy: Path) -> None:
     file_name = component_files(model_copy)[model_name]
     path = model_copy / file_name
@@ -437,6 +434,7 @@ def test_a_modified_file_is_refused_before_parsing(model_name: str, model_copy: 
 
 @pytest.mark.usefixtures("parsers_must_not_run")
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
+@pytest.mark.fault
 def test_a_truncated_file_is_refused(model_name: str, model_copy: Path) -> None:
     file_name = component_files(model_copy)[model_name]
     path = model_copy / file_name
@@ -446,6 +444,7 @@ def test_a_truncated_file_is_refused(model_name: str, model_copy: Path) -> None:
 
 
 @pytest.mark.usefixtures("parsers_must_not_run")
+@pytest.mark.fault
 def test_a_missing_file_is_refused(model_copy: Path) -> None:
     file_name = component_files(model_copy)["xgboost"]
     (model_copy / file_name).unlink()
@@ -466,6 +465,7 @@ def test_a_missing_file_is_refused(model_copy: Path) -> None:
     ],
     ids=["parent", "absolute", "subfolder", "another-models-name", "another-suffix", "digest-not-of-its-bytes"],
 )
+@pytest.mark.fault
 def test_a_manifest_can_name_only_its_own_content_addressed_files(forged_name: Any, model_copy: Path) -> None:
     """Even with the right bytes waiting at the forged place, the name alone is refused."""
     real_name = component_files(model_copy)["lightgbm"]
@@ -486,6 +486,7 @@ def test_a_re_hashed_but_unchanged_manifest_still_loads(model_copy: Path) -> Non
 
 
 @pytest.mark.parametrize(("swaps", "loads"), [(1, True), (None, False)], ids=["one-swap", "endless-swaps"])
+@pytest.mark.fault
 def test_a_load_that_races_replacements_restarts_from_the_new_manifest(
     swaps: int | None, loads: bool, model_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -498,7 +499,7 @@ def test_a_load_that_races_replacements_restarts_from_the_new_manifest(
     second = fit_on_other_data()
     second.save(model_copy.parent / "second")
     replacements = itertools.islice(itertools.cycle([second, first]), swaps)
-    read_verified = ensemble_module._read_verified
+    read_verified = artifacts_module._read_verified
 
     def replace_then_read(path: Path, expected: Any) -> bytes:
         if path.name.startswith("lightgbm"):
@@ -507,7 +508,7 @@ def test_a_load_that_races_replacements_restarts_from_the_new_manifest(
                 replacement.save(model_copy)
         return read_verified(path, expected)
 
-    monkeypatch.setattr(ensemble_module, "_read_verified", replace_then_read)
+    monkeypatch.setattr(artifacts_module, "_read_verified", replace_then_read)
     if loads:
         assert ProductionEnsemble.load(model_copy).model_sha256_ == second.model_sha256_
     else:
@@ -515,6 +516,7 @@ def test_a_load_that_races_replacements_restarts_from_the_new_manifest(
             ProductionEnsemble.load(model_copy)
 
 
+@pytest.mark.fault
 def test_a_missing_manifest_is_refused(model_copy: Path) -> None:
     (model_copy / MANIFEST_NAME).unlink()
     with pytest.raises(ArtifactError, match="ensemble.json: manifest missing"):
@@ -527,8 +529,15 @@ def test_a_missing_manifest_is_refused(model_copy: Path) -> None:
         (lambda text: text[: len(text) // 2], f"not a valid {MANIFEST_FORMAT} manifest"),
         (lambda text: text.replace(f'"format": "{MANIFEST_FORMAT}"', '"format": "other/9"'), "format 'other/9'"),
         (lambda text: text.replace('"decision_threshold": 0.5', '"decision_threshold": 0.1'), "the manifest was edited"),
+        (lambda text: text.replace('"decision_threshold": 0.5', '"decision_threshold": "0.5"'), r"model.decision_threshold must be float, got '0.5'"),
+        (lambda text: text.replace('"n_jobs": ', '"n_jobs": true, "was_n_jobs": '), r"model: missing keys \[\], unexpected keys \['was_n_jobs'\]"),
+        (lambda text: text.replace('"random_state": ', '"seed": '), r"model: missing keys \['random_state'\], unexpected keys \['seed'\]"),
+        (lambda text: text.replace('"sha256": "sha256:', '"sha256": "md5:', 1), r"model.files.\w+.sha256 must be 'sha256:' and 64 lowercase hex digits"),
+        (lambda text: text.replace('"feature_names": [', '"feature_names": [7, ', 1), r"model.feature_names\[0\] must be str, got 7"),
+        (lambda text: "[]", r"the manifest must be an object, got list"),
     ],
 )
+@pytest.mark.fault
 def test_a_malformed_or_edited_manifest_is_refused(edit: Any, message: str, model_copy: Path) -> None:
     path = model_copy / MANIFEST_NAME
     path.write_text(edit(path.read_text()))
@@ -536,12 +545,16 @@ def test_a_malformed_or_edited_manifest_is_refused(edit: Any, message: str, mode
         ProductionEnsemble.load(model_copy)
 
 
+@pytest.mark.fault
 def test_a_model_for_another_feature_spec_is_refused(saved_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(FeatureManager, "spec_hash", lambda self: "sha256:" + "0" * 64)
-    with pytest.raises(ArtifactError, match="trained on feature spec sha256:.* but the current FeatureManager"):
-        ProductionEnsemble.load(saved_dir)
+    """A feature parameter changed since the model was trained (here the RSI period): both loaders refuse it."""
+    monkeypatch.setitem(FEATURE_PARAMS["rsi_14"], "period", FEATURE_PARAMS["rsi_14"]["period"] + 1)
+    for load in (ProductionEnsemble.load, ServingModel.load):
+        with pytest.raises(ArtifactError, match="trained on feature spec sha256:.* but the current FeatureManager"):
+            load(saved_dir)
 
 
+@pytest.mark.fault
 def test_skops_types_outside_the_allowlist_are_refused(fitted: ProductionEnsemble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A correctly hashed file that would call a function on load is still refused."""
     hostile = skops.io.dumps(FunctionTransformer(func=os.getcwd))

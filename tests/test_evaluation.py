@@ -22,7 +22,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cryptoml.ensemble import MODEL_NAMES, ProductionEnsemble
+from cryptoml.artifacts import MODEL_NAMES
+from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.evaluation import (
     BASELINE_NAMES,
     MAX_CURVE_POINTS,

@@ -7,6 +7,9 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +21,18 @@ from typer.testing import CliRunner
 
 from cryptoml import ensemble as ensemble_module
 from cryptoml import onnx_export, paths
+from cryptoml.artifacts import MANIFEST_NAME, MODEL_NAMES, ONNX_GRAPH, ArtifactError
 from cryptoml.cli import app
 from cryptoml.config import load_params
 from cryptoml.data import write_parquet
-from cryptoml.ensemble import MANIFEST_NAME, MODEL_NAMES, ONNX_GRAPH, ArtifactError, ProductionEnsemble
+from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.features import FEATURE_NAMES, LIVE_WINDOW, FeatureManager
 from cryptoml.labels import build_dataset
 from cryptoml.onnx_export import export_onnx
 from cryptoml.pipeline import read_training_inputs, run_features
 from cryptoml.predict import run_predict
 from cryptoml.promotion import METADATA_NAME, promote
-from cryptoml.serving import BACKEND_ENV, PARITY_TOLERANCE, OnnxGraph, ParityError, pack_graph
+from cryptoml.serving import BACKEND_ENV, PARITY_TOLERANCE, OnnxGraph, ParityError, ServingModel, pack_graph
 from cryptoml.synthetic import simulate_candles
 from tests.test_cli import write_params
 from tests.test_ensemble import make_data, rewrite_model_section
@@ -169,8 +173,25 @@ def test_the_stored_graph_is_gzip_of_an_onnx_model_with_the_ensemble_weights(sav
     model = onnx.load_from_string(gzip.decompress(graph_file(saved_dir).read_bytes()))
     assert [value.name for value in model.graph.input] == ["features"]
     assert [value.name for value in model.graph.output] == ["p_up"]
-    weights = onnx.numpy_helper.to_array(model.graph.initializer[0])
-    assert weights[1::2].tolist() == pytest.approx([ProductionEnsemble.load(saved_dir).weights_[name] for name in MODEL_NAMES])
+    weights = onnx.numpy_helper.to_array(next(tensor for tensor in model.graph.initializer if tensor.name == "vote_weights"))
+    assert weights.tolist() == pytest.approx([ProductionEnsemble.load(saved_dir).weights_[name] for name in MODEL_NAMES])
+    trees = [(node.name, node.domain) for node in model.graph.node if node.op_type == "TreeEnsemble"]
+    assert trees == [(name, "ai.onnx.ml") for name in MODEL_NAMES]
+    assert {opset.domain: opset.version for opset in model.opset_import}["ai.onnx.ml"] == 5
+
+
+def test_trees_that_are_a_single_leaf_export_with_parity() -> None:
+    """Boosters that find no split worth making grow one-leaf trees; TreeEnsemble needs a branch at each root."""
+    no_splits = {"lightgbm": {"n_estimators": 3, "min_child_samples": 10**6}, "xgboost": {"n_estimators": 3, "min_child_weight": 1.0e9}}
+    X, y = make_data(n_rows=300)
+    model = ProductionEnsemble(model_params={**PARAMS, **no_splits}).fit(X, y)
+    assert model.lightgbm_booster_.dump_model()["tree_info"][0]["num_leaves"] == 1
+    assert set(model.xgboost_booster_.trees_to_dataframe()["Feature"]) == {"Leaf"}
+    graph = export_onnx(*components(model))
+    native = model.component_proba(X)
+    served = OnnxGraph(graph).up_probability(np.ascontiguousarray(X.to_numpy()))
+    expected = sum(model.weights_[name] * native[name] for name in MODEL_NAMES)
+    np.testing.assert_allclose(served, expected, atol=PARITY_TOLERANCE)
 
 
 # --- a graph that does not reproduce the model --------------------------------------------------
@@ -240,8 +261,9 @@ def test_a_model_saved_before_the_graph_loads_natively(model_copy: Path) -> None
     manifest = json.loads((model_copy / MANIFEST_NAME).read_text())
     (model_copy / MANIFEST_NAME).write_text(json.dumps({**manifest, "format": "cryptoml-ensemble/2"}))
     assert ProductionEnsemble.load(model_copy).serving_backend == "native"
-    with pytest.raises(ArtifactError, match=r"a cryptoml-ensemble/2 model has no ONNX graph to serve"):
-        ProductionEnsemble.load(model_copy, backend="onnx")
+    for load_graph in (partial(ProductionEnsemble.load, backend="onnx"), ServingModel.load):
+        with pytest.raises(ArtifactError, match=r"a cryptoml-ensemble/2 model has no ONNX graph to serve"):
+            load_graph(model_copy)
     (model_copy / MANIFEST_NAME).write_text(json.dumps(manifest))  # the same files under the new format
     with pytest.raises(ArtifactError, match=r"expected exactly \['lightgbm', 'xgboost', 'random_forest', 'onnx'\]"):
         ProductionEnsemble.load(model_copy)
@@ -260,6 +282,7 @@ def graph_parser_must_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("graph_parser_must_not_run")
 @pytest.mark.parametrize("backend", ["onnx", "native"])
+@pytest.mark.fault
 def test_a_modified_graph_is_refused_before_parsing(backend: str, model_copy: Path) -> None:
     path = graph_file(model_copy)
     data = bytearray(path.read_bytes())
@@ -269,6 +292,7 @@ def test_a_modified_graph_is_refused_before_parsing(backend: str, model_copy: Pa
         ProductionEnsemble.load(model_copy, backend=backend)
 
 
+@pytest.mark.fault
 def test_a_correctly_hashed_file_that_is_no_graph_is_refused(model_copy: Path) -> None:
     """A forger who re-hashes the manifest gets an ArtifactError from onnxruntime's refusal, not a crash."""
     data = pack_graph(b"not an onnx model")
@@ -278,6 +302,44 @@ def test_a_correctly_hashed_file_that_is_no_graph_is_refused(model_copy: Path) -
     rewrite_model_section(model_copy, lambda model: model["files"][ONNX_GRAPH].update(name=name, sha256=sha256, size=len(data)))
     with pytest.raises(ArtifactError, match=rf"{re.escape(name)}: hash verified but the file cannot be loaded"):
         ProductionEnsemble.load(model_copy)
+    with pytest.raises(ArtifactError, match=rf"{re.escape(name)}: hash verified but the graph cannot be loaded"):
+        ServingModel.load(model_copy)
+
+
+# --- the light serving model --------------------------------------------------------------------
+
+
+def test_the_serving_model_gives_the_ensembles_graph_predictions(saved_dir: Path) -> None:
+    served, ensemble = ServingModel.load(saved_dir), ProductionEnsemble.load(saved_dir, backend="onnx")
+    X = make_data(n_rows=300, seed=5)[0]
+    np.testing.assert_array_equal(served.predict_proba(X), ensemble.predict_proba(X))
+    np.testing.assert_array_equal(served.predict_proba(X.to_numpy()), ensemble.predict_proba(X))
+    np.testing.assert_array_equal(served.predict(X), ensemble.predict(X))
+    assert (served.model_sha256, served.decision_threshold, served.version_info) == (
+        ensemble.model_sha256_, ensemble.decision_threshold, ensemble.version_info_
+    )
+
+
+def test_the_serving_model_refuses_reordered_columns_and_rows_with_nan(saved_dir: Path) -> None:
+    """It has no pandas to reorder columns with, so a frame must come in FEATURE_NAMES order."""
+    served, X = ServingModel.load(saved_dir), make_data(n_rows=20)[0]
+    with pytest.raises(ValueError, match=r"feature columns are \['volume', 'close', .*expected exactly \['close', 'volume'"):
+        served.predict_proba(X[["volume", "close", *FEATURE_NAMES[2:]]])
+    with pytest.raises(ValueError, match=r"1 row\(s\) contain NaN or inf \(first index labels \['.*'\]; in columns \['rsi_14'\]\)"):
+        served.predict_proba(X.assign(rsi_14=np.where(np.arange(len(X)) == 3, np.nan, X["rsi_14"])))
+    with pytest.raises(ValueError, match=r"expected a 2-D array of shape \(n_rows, 12\)"):
+        served.predict(np.zeros(12))
+
+
+def test_serving_imports_no_training_library(saved_dir: Path) -> None:
+    """What keeps a serving process small (bench/serve.py measures its peak RSS): none of these is imported."""
+    script = (
+        "import sys, numpy as np; from cryptoml.serving import ServingModel; "
+        f"ServingModel.load({str(saved_dir)!r}).predict(np.zeros((1, 12))); "
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'sklearn', 'pandas', 'lightgbm', 'xgboost', 'numba', 'scipy', 'pydantic'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # --- the pipeline and `cryptoml predict` --------------------------------------------------------
@@ -362,6 +424,7 @@ def test_predict_leaves_out_a_candle_that_is_still_open(in_workspace: Path) -> N
     assert [signal.timestamp for signal in prediction.signals] == [last_open - pd.Timedelta(hours=1)]
 
 
+@pytest.mark.fault
 def test_predict_with_too_few_candles_says_how_many_it_needs(in_workspace: Path) -> None:
     csv = candles_csv(in_workspace, LIVE_WINDOW - 1)
     result = runner.invoke(app, ["predict", "--input", str(csv)])
@@ -369,6 +432,7 @@ def test_predict_with_too_few_candles_says_how_many_it_needs(in_workspace: Path)
     assert f"{csv}: {LIVE_WINDOW - 1} closed candle(s): generate_latest needs the last {LIVE_WINDOW} candles" in result.output
 
 
+@pytest.mark.fault
 def test_a_parity_failure_at_promotion_leaves_production_untouched(in_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The promote stage checks the challenger's graph on the holdout first: a wrong graph ends it with one clear error."""
     before = {path.name: path.read_bytes() for path in paths.PRODUCTION_DIR.iterdir()}

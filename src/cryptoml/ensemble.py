@@ -13,11 +13,7 @@ backend="native")` or CRYPTOML_BACKEND=native forces the native models. `compone
 `feature_importances` and a refit always use the native models. See cryptoml.serving for the parity
 bound between the two.
 
-Component files are content-addressed (`<model>-<first 16 hex of sha256><suffix>`): other bytes
-always get another name, so a new model's files can be put beside an old model's without touching a
-file the old manifest lists, and only the atomic swap of the manifest switches a directory from one
-model to the other (see cryptoml.promotion). The manifest may name only these exact names, so it
-cannot point outside its directory.
+The manifest, its content-addressed file names and the verified read are in cryptoml.artifacts.
 
 Model hash (`model_sha256`): sha256 of the canonical JSON of the manifest's `model` section, which
 holds the hashes and sizes of the component files and the ONNX graph, the weights, the decision
@@ -26,24 +22,17 @@ threshold, the hyperparameters and the feature spec, i.e. everything that decide
 
 Weights: all three models are always fitted, saved and evaluated; a weight of 0 only takes a model
 out of the vote, so artifacts and `component_proba` have the same shape for every weighting.
-
-Formats: "cryptoml-ensemble/3" (written) lists the three model files and the ONNX graph;
-"cryptoml-ensemble/2" (before the graph) lists the three model files and still loads, natively, so
-older production models can be rolled back to.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import json
-import math
-import re
 import zipfile
 import zlib
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -55,25 +44,41 @@ import sklearn
 import skops
 import skops.io
 import xgboost
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.utils.validation import NotFittedError, check_is_fitted
 
-from cryptoml.features import FEATURE_NAMES, FeatureManager
+from cryptoml.artifacts import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MODEL_NAMES,
+    ONNX_GRAPH,
+    ArtifactError,
+    FileEntry,
+    Manifest,
+    ModelSection,
+    prune_components,
+    read_model,
+    validate_weights,
+    validated_int,
+    validated_threshold,
+)
+from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_hash
 from cryptoml.io import dump_json, write_bytes_atomic
 from cryptoml.paths import PRODUCTION_DIR
 from cryptoml.serving import (
+    LISTED_ROWS,
     PARITY_TOLERANCE,
     OnnxGraph,
     ParityReport,
+    array_rows,
     compare_up_probabilities,
     pack_graph,
+    require_finite_rows,
     require_parity,
     requested_backend,
 )
 
-MODEL_NAMES: tuple[str, ...] = ("lightgbm", "xgboost", "random_forest")
 DEFAULT_WEIGHTS: dict[str, float] = {"lightgbm": 0.4, "xgboost": 0.4, "random_forest": 0.2}
 DEFAULT_MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "lightgbm": {"n_estimators": 200, "learning_rate": 0.1, "max_depth": 8, "num_leaves": 31},
@@ -81,23 +86,6 @@ DEFAULT_MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "random_forest": {"n_estimators": 200, "max_depth": 12},
 }
 
-MANIFEST_NAME = "ensemble.json"
-MANIFEST_FORMAT = "cryptoml-ensemble/3"
-ONNX_GRAPH = "onnx"  # the manifest's key for the graph file, beside the model names
-# The files each readable format lists, by key: exactly these, no more, no fewer.
-_FORMAT_FILES: dict[str, tuple[str, ...]] = {
-    "cryptoml-ensemble/2": MODEL_NAMES,
-    MANIFEST_FORMAT: (*MODEL_NAMES, ONNX_GRAPH),
-}
-COMPONENT_SUFFIXES: dict[str, str] = {"lightgbm": ".txt", "xgboost": ".ubj", "random_forest": ".skops", ONNX_GRAPH: ".onnx.gz"}
-# Hex digits of a file's sha256 in its name: 64 bits make two different files of one model sharing a
-# name practically impossible, and load would still refuse such a file, since it checks the full sha256.
-_NAME_DIGEST_LENGTH = 16
-_COMPONENT_FILE_NAME = re.compile(
-    "|".join(rf"{name}-[0-9a-f]{{{_NAME_DIGEST_LENGTH}}}{re.escape(suffix)}" for name, suffix in COMPONENT_SUFFIXES.items())
-)
-# The temporary files of io.atomic_path (".<name>.<random>.tmp") that a killed writer leaves behind.
-_ATOMIC_LEFTOVER = re.compile(r"\..+\.tmp")
 
 # Keys the ensemble sets itself (seed, threads, determinism) plus their library aliases: letting
 # model_params override them would silently break reproducibility.
@@ -116,54 +104,7 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # Deflate level of the skops entries: the default forest's file goes from ~19 MB to ~4 MB in ~0.5 s;
 # level 9 saves 3 % more in ten times the time.
 _ZIP_LEVEL = 6
-_LISTED_ROWS = 5
 _FITTED_ATTRIBUTES = ("lightgbm_booster_", "xgboost_booster_", "random_forest_", "weights_")
-
-
-class ArtifactError(Exception):
-    """A saved model is missing, truncated, modified, malformed or built for other features."""
-
-
-def validate_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    """Weights normalised to sum 1; all three models must be named, so a typo cannot drop one."""
-    unknown = sorted(str(name) for name in weights if name not in MODEL_NAMES)
-    if unknown:
-        raise ValueError(f"unknown model name(s) in weights: {unknown}; expected exactly {list(MODEL_NAMES)}")
-    missing = [name for name in MODEL_NAMES if name not in weights]
-    if missing:
-        raise ValueError(f"weights lack model(s) {missing}: give all of {list(MODEL_NAMES)} (0 takes a model out of the vote)")
-    values: dict[str, float] = {}
-    for name in MODEL_NAMES:
-        values[name] = _as_float(weights[name])
-        if not (math.isfinite(values[name]) and values[name] >= 0):
-            raise ValueError(f"weight of {name!r} must be a finite number >= 0, got {weights[name]!r}")
-    total = sum(values.values())
-    if total == 0:
-        raise ValueError(f"all weights are 0: at least one of {list(MODEL_NAMES)} must vote")
-    return {name: value / total for name, value in values.items()}
-
-
-def _as_float(value: Any) -> float:
-    """The value as a float, NaN for anything that is not a number, so callers give one clear error."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _validated_threshold(threshold: Any) -> float:
-    value = _as_float(threshold)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"decision_threshold must be in (0, 1): 'up' is predicted when P(up) >= it; got {threshold!r}")
-    return value
-
-
-def _validated_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    in_range = isinstance(value, (int, np.integer)) and low <= value and (high is None or value <= high)
-    if isinstance(value, bool) or not in_range:
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
-    return int(value)
 
 
 def _enforced_params(name: str, random_state: int, n_jobs: int) -> dict[str, Any]:
@@ -180,8 +121,8 @@ def _library_params(
     model_params: Mapping[str, Mapping[str, Any]] | None, random_state: Any, n_jobs: Any
 ) -> dict[str, dict[str, Any]]:
     """Constructor arguments of each library model: defaults, then the caller's, then the enforced ones."""
-    seed = _validated_int("random_state", random_state, 0, 2**31 - 1)
-    threads = _validated_int("n_jobs", n_jobs, 1)
+    seed = validated_int("random_state", random_state, 0, 2**31 - 1)
+    threads = validated_int("n_jobs", n_jobs, 1)
     overrides = dict(model_params or {})
     unknown = sorted(str(name) for name in overrides if name not in MODEL_NAMES)
     if unknown:
@@ -230,20 +171,9 @@ def _library_versions() -> dict[str, str]:
 
 def _feature_matrix(X: Any) -> np.ndarray:
     """The features as a C-contiguous float64 matrix in FEATURE_NAMES order; refuses anything ambiguous."""
-    is_frame = isinstance(X, pd.DataFrame)
-    matrix = _frame_matrix(X) if is_frame else _array_matrix(X)
-    if len(matrix) == 0:
-        raise ValueError("X has no rows")
-    bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-    if bad_rows.size:
-        first = bad_rows[:_LISTED_ROWS]
-        named = f"index labels {[str(label) for label in X.index[first]]}" if is_frame else f"positions {first.tolist()}"
-        bad_columns = [FEATURE_NAMES[j] for j in np.flatnonzero(~np.isfinite(matrix[bad_rows]).all(axis=0))]
-        raise ValueError(
-            f"{bad_rows.size} row(s) contain NaN or inf (first {named}; in columns {bad_columns}): "
-            "drop or fill them before the model sees them"
-        )
-    return matrix
+    if isinstance(X, pd.DataFrame):
+        return require_finite_rows(_frame_matrix(X), X.index)
+    return require_finite_rows(array_rows(X))
 
 
 def _frame_matrix(frame: pd.DataFrame) -> np.ndarray:
@@ -285,16 +215,6 @@ def _check_feature_columns(columns: list[Any]) -> None:
         )
 
 
-def _array_matrix(X: Any) -> np.ndarray:
-    matrix = np.asarray(X, dtype=np.float64)
-    if matrix.ndim != 2 or matrix.shape[1] != len(FEATURE_NAMES):
-        raise ValueError(
-            f"expected a 2-D array of shape (n_rows, {len(FEATURE_NAMES)}) with columns in FeatureManager "
-            f"order {list(FEATURE_NAMES)}, got shape {matrix.shape}"
-        )
-    return np.ascontiguousarray(matrix)
-
-
 def _binary_labels(y: Any, X: Any, n_rows: int) -> np.ndarray:
     if isinstance(X, pd.DataFrame) and isinstance(y, pd.Series) and not X.index.equals(y.index):
         raise ValueError("y's index differs from X's: align labels with feature rows before fitting")
@@ -304,7 +224,7 @@ def _binary_labels(y: Any, X: Any, n_rows: int) -> np.ndarray:
     present = pd.unique(labels).tolist()
     invalid = [value for value in present if value not in (0, 1)]
     if invalid:
-        raise ValueError(f"labels must be 0 (not up) or 1 (up), got {invalid[:_LISTED_ROWS]}")
+        raise ValueError(f"labels must be 0 (not up) or 1 (up), got {invalid[:LISTED_ROWS]}")
     if len(present) < 2:
         raise ValueError(f"y contains only class {int(present[0])}: both 0 and 1 are needed to train a classifier")
     return labels.astype(np.int64)
@@ -425,54 +345,6 @@ def _forest_up_probability(forest: RandomForestClassifier, matrix: np.ndarray) -
 # --- manifest -----------------------------------------------------------------------------------
 
 
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _component_file_name(model_name: str, sha256: str) -> str:
-    return f"{model_name}-{sha256.removeprefix('sha256:')[:_NAME_DIGEST_LENGTH]}{COMPONENT_SUFFIXES[model_name]}"
-
-
-class _FileEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
-    sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    size: int
-
-    @classmethod
-    def of(cls, model_name: str, data: bytes) -> _FileEntry:
-        sha256 = _sha256(data)
-        return cls(name=_component_file_name(model_name, sha256), sha256=sha256, size=len(data))
-
-
-class _ModelSection(BaseModel):
-    """Everything that decides a prediction; its hash is the model hash."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    weights: dict[str, float]
-    decision_threshold: float
-    random_state: int
-    n_jobs: int
-    hyperparameters: dict[str, dict[str, Any]]
-    feature_names: list[str]
-    feature_spec_hash: str
-    feature_manager_version: str
-    files: dict[str, _FileEntry]  # by model name
-
-    def sha256(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), allow_nan=False)
-        return _sha256(canonical.encode())
-
-
-class _Manifest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    format: str
-    model_sha256: str
-    model: _ModelSection
-    library_versions: dict[str, str]
-    version_info: dict[str, Any]
-
-
 def _json_ready(value: Any, what: str) -> Any:
     """A plain-JSON copy (numpy scalars unwrapped), so the manifest is exact and stable."""
 
@@ -485,131 +357,6 @@ def _json_ready(value: Any, what: str) -> Any:
         return json.loads(json.dumps(value, default=unwrap, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be plain JSON data (str, finite numbers, bool, None, lists, dicts): {exc}") from exc
-
-
-def _read_manifest_bytes(directory: Path) -> bytes:
-    path = directory / MANIFEST_NAME
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: manifest missing, so there is no complete model in {directory}") from None
-
-
-def _parse_manifest(text: bytes, path: Path) -> _Manifest:
-    """The manifest, if it is a readable format, unedited, and names exactly the content-addressed files of its format."""
-    try:
-        manifest = _Manifest.model_validate_json(text)
-    except ValidationError as exc:
-        raise ArtifactError(f"{path}: not a valid {MANIFEST_FORMAT} manifest: {exc}") from None
-    if manifest.format not in _FORMAT_FILES:
-        raise ArtifactError(f"{path}: format {manifest.format!r}, this code reads {sorted(_FORMAT_FILES)}")
-    if manifest.model.sha256() != manifest.model_sha256:
-        raise ArtifactError(
-            f"{path}: model_sha256 {manifest.model_sha256} does not match the hash of its model section "
-            f"({manifest.model.sha256()}): the manifest was edited"
-        )
-    expected_files = _FORMAT_FILES[manifest.format]
-    if set(manifest.model.files) != set(expected_files):
-        raise ArtifactError(
-            f"{path}: lists files of {sorted(manifest.model.files)}, expected exactly {list(expected_files)} ({manifest.format})"
-        )
-    for model_name, entry in manifest.model.files.items():
-        expected = _component_file_name(model_name, entry.sha256)
-        if entry.name != expected:
-            raise ArtifactError(
-                f"{path}: the {model_name} file is named {entry.name!r}; only {expected!r} is accepted "
-                f"({model_name}-<first {_NAME_DIGEST_LENGTH} hex of its sha256>{COMPONENT_SUFFIXES[model_name]}, "
-                "a plain name inside the model directory)"
-            )
-    return manifest
-
-
-def _require_current_features(manifest: _Manifest, path: Path) -> None:
-    feature_manager = FeatureManager()
-    if manifest.model.feature_spec_hash != feature_manager.spec_hash():
-        raise ArtifactError(
-            f"{path}: the model was trained on feature spec {manifest.model.feature_spec_hash} "
-            f"(FeatureManager {manifest.model.feature_manager_version}) but the current FeatureManager "
-            f"{feature_manager.version} has spec {feature_manager.spec_hash()}: retrain the model"
-        )
-
-
-def _read_verified(path: Path, expected: _FileEntry) -> bytes:
-    """The file's bytes, only if their size and sha256 match the manifest (FileNotFoundError if it is gone)."""
-    data = path.read_bytes()
-    if len(data) != expected.size:
-        raise ArtifactError(f"{path}: {len(data)} bytes, the manifest says {expected.size} (truncated or overwritten)")
-    actual = _sha256(data)
-    if actual != expected.sha256:
-        raise ArtifactError(f"{path}: sha256 {actual} differs from the manifest's {expected.sha256} (modified)")
-    return data
-
-
-# Manifests one load may read when promotions swap the manifest and remove files while it reads.
-_MANIFEST_READS = 3
-
-
-def _read_model(directory: Path) -> tuple[bytes, _Manifest, dict[str, bytes]]:
-    """The manifest (bytes and parsed) and each model's verified file bytes.
-
-    A promotion keeps the files of one previous manifest, so a reader slower than two promotions can
-    find a listed file gone; when the manifest has changed meanwhile, the read starts over from the new
-    one instead of failing. A file missing under an unchanged manifest is an error.
-    """
-    path = directory / MANIFEST_NAME
-    text = _read_manifest_bytes(directory)
-    for _ in range(_MANIFEST_READS):
-        manifest = _parse_manifest(text, path)
-        _require_current_features(manifest, path)
-        try:
-            payloads = {name: _read_verified(directory / entry.name, entry) for name, entry in manifest.model.files.items()}
-        except FileNotFoundError as exc:
-            latest = _read_manifest_bytes(directory)
-            if latest == text:
-                raise ArtifactError(f"{exc.filename}: missing (listed in {MANIFEST_NAME})") from None
-            text = latest
-        else:
-            return text, manifest, payloads
-    raise ArtifactError(f"{path}: replaced {_MANIFEST_READS} times while its files were being read; retry the load")
-
-
-@dataclass(frozen=True)
-class ModelArtifacts:
-    """A saved model's exact bytes, each file verified against the manifest: what a promotion copies."""
-
-    manifest: bytes
-    model_sha256: str
-    files: Mapping[str, bytes]  # component file name -> its bytes
-
-
-def read_artifacts(directory: Path) -> ModelArtifacts:
-    """The verified bytes of the model in `directory` (ArtifactError, like load, if anything is wrong)."""
-    text, manifest, payloads = _read_model(Path(directory))
-    files = {entry.name: payloads[key] for key, entry in manifest.model.files.items()}
-    return ModelArtifacts(manifest=text, model_sha256=manifest.model_sha256, files=files)
-
-
-def listed_component_files(directory: Path) -> frozenset[str]:
-    """The component files the directory's manifest lists; none when it has no valid manifest to load."""
-    path = Path(directory) / MANIFEST_NAME
-    try:
-        return frozenset(entry.name for entry in _parse_manifest(path.read_bytes(), path).model.files.values())
-    except (FileNotFoundError, ArtifactError):
-        return frozenset()
-
-
-def prune_components(directory: Path, keep: Collection[str]) -> list[str]:
-    """Remove component files not named in `keep` and temporaries a killed atomic write left behind.
-
-    Returns the removed names. Other files in the directory (manifest, metadata) are never touched.
-    """
-    removed = []
-    for path in sorted(Path(directory).iterdir()):
-        is_stale_component = _COMPONENT_FILE_NAME.fullmatch(path.name) is not None and path.name not in keep
-        if is_stale_component or _ATOMIC_LEFTOVER.fullmatch(path.name):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-    return removed
 
 
 # --- the estimator ------------------------------------------------------------------------------
@@ -642,7 +389,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
     def fit(self, X: Any, y: Any) -> ProductionEnsemble:
         """Fit the three models on the same rows, each seeded and deterministic, so refits are identical."""
         weights = validate_weights(DEFAULT_WEIGHTS if self.weights is None else self.weights)
-        _validated_threshold(self.decision_threshold)
+        validated_threshold(self.decision_threshold)
         params = _library_params(self.model_params, self.random_state, self.n_jobs)
         matrix = _feature_matrix(X)
         labels = _binary_labels(y, X, len(matrix))
@@ -720,7 +467,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         return shares
 
     def _component_proba(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
-        threads = _validated_int("n_jobs", self.n_jobs, 1)
+        threads = validated_int("n_jobs", self.n_jobs, 1)
         self.xgboost_booster_.set_param("nthread", threads)
         return {
             "lightgbm": self.lightgbm_booster_.predict(matrix, num_threads=threads),
@@ -745,7 +492,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
     def _parity(self, graph: OnnxGraph, X: Any, tolerance: float, what: str) -> ParityReport:
         matrix = _feature_matrix(X)
         native = self._native_up_probability(matrix)
-        report = compare_up_probabilities(native, graph.up_probability(matrix), _validated_threshold(self.decision_threshold), tolerance)
+        report = compare_up_probabilities(native, graph.up_probability(matrix), validated_threshold(self.decision_threshold), tolerance)
         return require_parity(report, what)
 
     def check_serving_parity(self, X: Any, tolerance: float = PARITY_TOLERANCE) -> ParityReport:
@@ -765,31 +512,34 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """1 where P(up) >= decision_threshold: the same P(up) as predict_proba, so the two always agree."""
-        threshold = _validated_threshold(self.decision_threshold)
+        threshold = validated_threshold(self.decision_threshold)
         is_up = self._up_probability(X) >= threshold
         return self.classes_[is_up.astype(np.int64)]
 
-    def _model_section(self, files: dict[str, _FileEntry]) -> _ModelSection:
-        feature_manager = FeatureManager()
+    def _model_section(self, files: dict[str, FileEntry]) -> ModelSection:
         hyperparameters = _json_ready(_library_params(self.model_params, self.random_state, self.n_jobs), "model_params")
         validated = hyperparameters["random_forest"]  # any model's arguments hold the checked seed and threads
-        return _ModelSection(
-            weights=self.weights_,
-            decision_threshold=_validated_threshold(self.decision_threshold),
-            random_state=validated["random_state"],
-            n_jobs=validated["n_jobs"],
-            hyperparameters=hyperparameters,
-            feature_names=list(FEATURE_NAMES),
-            feature_spec_hash=feature_manager.spec_hash(),
-            feature_manager_version=feature_manager.version,
-            files=files,
+        # Parsed from plain data, exactly as load reads it back, so the model hash is the same on both sides.
+        return ModelSection.parse(
+            {
+                "weights": self.weights_,
+                "decision_threshold": validated_threshold(self.decision_threshold),
+                "random_state": validated["random_state"],
+                "n_jobs": validated["n_jobs"],
+                "hyperparameters": hyperparameters,
+                "feature_names": list(FEATURE_NAMES),
+                "feature_spec_hash": feature_spec_hash(),
+                "feature_manager_version": FEATURE_VERSION,
+                "files": {name: asdict(entry) for name, entry in files.items()},
+            },
+            "model",
         )
 
     def get_model_info(self) -> dict[str, Any]:
         """What the model is and where it came from; model_sha256 and version_info are those of the last save or load."""
         check_is_fitted(self, _FITTED_ATTRIBUTES)
         return {
-            **self._model_section(files={}).model_dump(exclude={"files"}),
+            **{key: value for key, value in asdict(self._model_section(files={})).items() if key != "files"},
             "backend": self.serving_backend,
             "model_sha256": self.model_sha256_,
             "version_info": dict(self.version_info_),
@@ -823,10 +573,10 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
             "random_forest": _random_forest_bytes(self.random_forest_),
             ONNX_GRAPH: pack_graph(graph),
         }
-        entries = {name: _FileEntry.of(name, data) for name, data in payloads.items()}
+        entries = {name: FileEntry.of(name, data) for name, data in payloads.items()}
         section = self._model_section(entries)
         library_versions = _library_versions()
-        manifest = _Manifest(
+        manifest = Manifest(
             format=MANIFEST_FORMAT,
             model_sha256=section.sha256(),
             model=section,
@@ -837,7 +587,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         (directory / MANIFEST_NAME).unlink(missing_ok=True)
         for name, data in payloads.items():
             write_bytes_atomic(directory / entries[name].name, data)
-        write_bytes_atomic(directory / MANIFEST_NAME, dump_json(manifest.model_dump(mode="json")).encode())
+        write_bytes_atomic(directory / MANIFEST_NAME, dump_json(manifest.as_json()).encode())
         prune_components(directory, keep={entry.name for entry in entries.values()})
         self.model_sha256_ = manifest.model_sha256
         self.version_info_ = provenance
@@ -858,7 +608,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         """
         directory = PRODUCTION_DIR if path is None else Path(path)
         chosen = requested_backend(backend)
-        _, manifest, payloads = _read_model(directory)
+        _, manifest, payloads = read_model(directory)
         if chosen == "onnx" and ONNX_GRAPH not in payloads:
             raise ArtifactError(
                 f"{directory / MANIFEST_NAME}: a {manifest.format} model has no ONNX graph to serve; "

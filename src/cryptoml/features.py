@@ -18,42 +18,11 @@ no value is ever filled in. Each row uses only candles at or before it.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import numba
 import numpy as np
 import pandas as pd
 
-FEATURE_VERSION = "1.0.0"
-
-FEATURE_NAMES: tuple[str, ...] = (
-    "close",
-    "volume",
-    "returns_1",
-    "rsi_14",
-    "macd",
-    "macd_signal",
-    "atr_14",
-    "bb_position",
-    "ema_20",
-    "ema_50",
-    "zscore",
-    "volume_ratio",
-)
-
-# Every parameter that changes a feature value; its hash is stored with each model.
-FEATURE_PARAMS: dict[str, dict[str, float]] = {
-    "rsi_14": {"period": 14},
-    "macd": {"fast": 12, "slow": 26, "signal": 9},
-    "macd_signal": {"fast": 12, "slow": 26, "signal": 9},
-    "atr_14": {"period": 14},
-    "bb_position": {"period": 20, "n_std": 2.0},
-    "ema_20": {"period": 20},
-    "ema_50": {"period": 50},
-    "zscore": {"period": 20},
-    "volume_ratio": {"period": 20},
-}
+from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_PARAMS, FEATURE_VERSION, feature_spec, feature_spec_hash
 
 PRICE_COLUMNS: tuple[str, ...] = ("high", "low", "close")
 REQUIRED_COLUMNS: tuple[str, ...] = ("timestamp", *PRICE_COLUMNS, "volume")
@@ -276,11 +245,10 @@ class FeatureManager:
         return list(FEATURE_NAMES)
 
     def spec(self) -> dict[str, object]:
-        return {"version": FEATURE_VERSION, "names": list(FEATURE_NAMES), "params": FEATURE_PARAMS}
+        return feature_spec()
 
     def spec_hash(self) -> str:
-        canonical = json.dumps(self.spec(), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+        return feature_spec_hash()
 
     @property
     def warmup_rows(self) -> int:

@@ -38,15 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptoml.ensemble import (
-    MANIFEST_NAME,
-    ArtifactError,
-    ProductionEnsemble,
-    listed_component_files,
-    prune_components,
-    read_artifacts,
-)
+from cryptoml.artifacts import MANIFEST_NAME, ArtifactError, listed_component_files, prune_components, read_artifacts
 from cryptoml.config import GateParams
+from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.io import dump_json, write_bytes_atomic
 
 METADATA_NAME = "production_model_metadata.json"

@@ -12,16 +12,27 @@ row farther than the tolerance from the decision threshold, since P(up) cannot c
 
 Backend: ProductionEnsemble.load serves through the graph when the model has one; `backend="native"`,
 or the environment variable CRYPTOML_BACKEND=native, forces the three native models instead.
+
+ServingModel is the same graph for a process that only serves: it verifies the model like
+ProductionEnsemble.load but imports neither scikit-learn, pandas, LightGBM, XGBoost nor numba, so a
+bot's process stays small (bench/serve.py measures its peak RSS).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
+
+from cryptoml.artifacts import MANIFEST_NAME, ONNX_GRAPH, ArtifactError, read_model
+from cryptoml.feature_spec import FEATURE_NAMES
+from cryptoml.paths import PRODUCTION_DIR
 
 BACKENDS: tuple[str, ...] = ("onnx", "native")
 BACKEND_ENV = "CRYPTOML_BACKEND"
@@ -30,6 +41,7 @@ _GZIP_LEVEL = 9
 # The graph's input (float64 features, rows x 12) and output (P(up) per row), shared with cryptoml.onnx_export.
 INPUT_NAME = "features"
 OUTPUT_NAME = "p_up"
+LISTED_ROWS = 5  # offending rows an error message names
 
 
 class ParityError(ValueError):
@@ -109,3 +121,76 @@ def require_parity(report: ParityReport, what: str) -> ParityReport:
             "the graph does not reproduce the model, so it is not saved or promoted"
         )
     return report
+
+
+def array_rows(X: Any) -> np.ndarray:
+    """Feature rows given as an array (columns in FEATURE_NAMES order) as a C-contiguous float64 matrix."""
+    matrix = np.asarray(X, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[1] != len(FEATURE_NAMES):
+        raise ValueError(
+            f"expected a 2-D array of shape (n_rows, {len(FEATURE_NAMES)}) with columns in FeatureManager "
+            f"order {list(FEATURE_NAMES)}, got shape {matrix.shape}"
+        )
+    return np.ascontiguousarray(matrix)
+
+
+def require_finite_rows(matrix: np.ndarray, row_labels: Sequence[Any] | None = None) -> np.ndarray:
+    """The matrix, if it has rows and all are finite; else a ValueError naming the first bad rows and their columns."""
+    if len(matrix) == 0:
+        raise ValueError("X has no rows")
+    bad_rows = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if bad_rows.size:
+        first = bad_rows[:LISTED_ROWS]
+        named = f"index labels {[str(row_labels[i]) for i in first]}" if row_labels is not None else f"positions {first.tolist()}"
+        bad_columns = [FEATURE_NAMES[j] for j in np.flatnonzero(~np.isfinite(matrix[bad_rows]).all(axis=0))]
+        raise ValueError(
+            f"{bad_rows.size} row(s) contain NaN or inf (first {named}; in columns {bad_columns}): "
+            "drop or fill them before the model sees them"
+        )
+    return matrix
+
+
+class ServingModel:
+    """A saved model's ONNX graph with its decision threshold: P(up) and the signal, nothing else.
+
+    Loading checks every file's size and sha256 against the manifest and the feature spec, exactly as
+    ProductionEnsemble.load does, and there is no fallback: a model without a graph is an ArtifactError.
+    Rows are arrays in FEATURE_NAMES order, or frames whose columns are exactly FEATURE_NAMES.
+    """
+
+    def __init__(self, graph: OnnxGraph, model_sha256: str, decision_threshold: float, version_info: dict[str, Any]) -> None:
+        self._graph = graph
+        self.model_sha256 = model_sha256
+        self.decision_threshold = decision_threshold
+        self.version_info = version_info
+        self.feature_names = list(FEATURE_NAMES)
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> ServingModel:
+        directory = PRODUCTION_DIR if path is None else Path(path)
+        _, manifest, payloads = read_model(directory, keep=(ONNX_GRAPH,))
+        if ONNX_GRAPH not in payloads:
+            raise ArtifactError(
+                f"{directory / MANIFEST_NAME}: a {manifest.format} model has no ONNX graph to serve; "
+                "use ProductionEnsemble.load(path, backend='native') or retrain it"
+            )
+        try:
+            graph = OnnxGraph.from_stored(payloads[ONNX_GRAPH])
+        except Exception as exc:  # onnxruntime and gzip raise their own error types; all mean "unusable file"
+            raise ArtifactError(f"{directory / manifest.model.files[ONNX_GRAPH].name}: hash verified but the graph cannot be loaded: {exc}") from exc
+        return cls(graph, manifest.model_sha256, manifest.model.decision_threshold, dict(manifest.version_info))
+
+    def _rows(self, X: Any) -> np.ndarray:
+        columns = getattr(X, "columns", None)
+        if columns is not None and list(columns) != self.feature_names:
+            raise ValueError(f"feature columns are {[str(c) for c in columns]}; expected exactly {self.feature_names} in this order")
+        return require_finite_rows(array_rows(X), getattr(X, "index", None))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Columns P(class 0), P(class 1) per row, as ProductionEnsemble.predict_proba with the graph."""
+        up = self._graph.up_probability(self._rows(X))
+        return np.column_stack([1.0 - up, up])
+
+    def predict(self, X: Any) -> np.ndarray:
+        """1 (up) where P(up) >= decision_threshold, else 0: the same P(up) as predict_proba."""
+        return (self.predict_proba(X)[:, 1] >= self.decision_threshold).astype(np.int64)
