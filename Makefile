@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-slow bench lock clean-venv dvc-remote
+.PHONY: setup repro test test-slow test-faults bench lock clean-venv dvc-remote
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	pytest -m slow
+
+# The fault suite alone, long variants included (bad input, crashes, concurrent readers, outages, secrets);
+# it ends with its counts: cases tried, failed, production models checked and lost.
+test-faults: $(STAMP)
+	pytest -m fault
 
 bench: $(STAMP)
 	python bench/features.py

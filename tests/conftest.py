@@ -1,10 +1,14 @@
-"""Shared fixtures: the real-data folder when present (a user's clone has none)."""
+"""Shared fixtures: the real-data folder when present (a user's clone has none); the fault suite's counts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.faults import LEDGER
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -15,3 +19,40 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real candle data not present at {SHARED_DATA} (only in the developers' workspace)")
     return SHARED_DATA
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Count the examples hypothesis runs in fault tests, through its documented, replaceable `inner_test`."""
+    handle = getattr(getattr(item, "obj", None), "hypothesis", None)
+    if item.get_closest_marker("fault") is None or handle is None:
+        return (yield)
+    inner = handle.inner_test
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        LEDGER.hypothesis_examples += 1
+        return inner(*args, **kwargs)
+
+    handle.inner_test = counted
+    try:
+        return (yield)
+    finally:
+        handle.inner_test = inner
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """One outcome per fault test: a failure in any phase fails it; skips and known defects (xfail) are counted apart."""
+    if "fault" not in report.keywords:
+        return
+    if report.skipped and hasattr(report, "wasxfail"):
+        LEDGER.record_outcome(report.nodeid, "xfailed")
+    elif report.failed or report.skipped:
+        LEDGER.record_outcome(report.nodeid, report.outcome)
+    elif report.when == "call":
+        LEDGER.record_outcome(report.nodeid, "passed")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if LEDGER.outcomes:
+        failing = bool(LEDGER.count("failed") or LEDGER.models_lost)
+        terminalreporter.write_sep("=", LEDGER.summary(), bold=True, red=failing, green=not failing)

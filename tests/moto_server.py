@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.request import Request, urlopen
 
 import boto3
 from moto.server import ThreadedMotoServer
@@ -31,6 +32,12 @@ class S3Server:
         client = _client(self.endpoint_url)
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
         return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def restart_empty(self) -> None:
+        """Lose every object and bucket, as a restart of moto (state in memory) does, then recreate the empty bucket."""
+        with urlopen(Request(f"{self.endpoint_url}/moto-api/reset", method="POST"), timeout=10):  # noqa: S310 (127.0.0.1)
+            pass
+        _client(self.endpoint_url).create_bucket(Bucket=self.bucket)
 
 
 def _client(endpoint_url: str):  # noqa: ANN202 (boto3's client type is generated at runtime)

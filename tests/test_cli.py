@@ -44,6 +44,7 @@ def test_fetch_features_train_write_their_outputs(workdir: Path) -> None:
     assert json.loads(paths.TRAIN_METRICS.read_text())["samples"]["train"] > 0
 
 
+@pytest.mark.fault
 def test_invalid_params_exit_1_naming_the_key_and_write_nothing(workdir: Path) -> None:
     write_params(workdir, {**FAST_TRAINING, "data.timeframe": "7x"})
     result = runner.invoke(app, ["fetch"])
@@ -52,6 +53,7 @@ def test_invalid_params_exit_1_naming_the_key_and_write_nothing(workdir: Path) -
     assert not paths.RAW_CANDLES.exists() and not paths.DATA_METRICS.exists()
 
 
+@pytest.mark.fault
 def test_bad_csv_exits_1_naming_file_and_line(workdir: Path) -> None:
     csv = workdir / "candles.csv"
     csv.write_text("timestamp,open,high,low,close,volume\n2024-01-01T00:00:00Z,1,2,0.5,1,-3\n")
@@ -62,6 +64,7 @@ def test_bad_csv_exits_1_naming_file_and_line(workdir: Path) -> None:
     assert not paths.RAW_CANDLES.exists()
 
 
+@pytest.mark.fault
 def test_stage_without_its_input_says_what_to_run(workdir: Path) -> None:
     result = runner.invoke(app, ["features"])
     assert result.exit_code == 1

@@ -78,6 +78,7 @@ def test_repository_params_are_valid() -> None:
         ("evaluate.fee", -1.0e-3, "evaluate.fee"),
     ],
 )
+@pytest.mark.fault
 def test_invalid_values_name_the_key(raw: dict[str, Any], key: str, value: Any, message: str) -> None:
     with pytest.raises(ParamsError) as info:
         parse_params(with_value(raw, key, value))
@@ -85,6 +86,7 @@ def test_invalid_values_name_the_key(raw: dict[str, Any], key: str, value: Any, 
 
 
 @pytest.mark.parametrize("key", ["data", "data.start", "model.weights"])
+@pytest.mark.fault
 def test_missing_keys_are_named(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ParamsError, match=rf"{key}: missing required key"):
         parse_params(without(raw, key))
@@ -95,6 +97,7 @@ def test_holdout_as_duration(raw: dict[str, Any]) -> None:
     assert params.split.holdout_value == pd.Timedelta(days=90)
 
 
+@pytest.mark.fault
 def test_file_level_errors(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml")
@@ -108,6 +111,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
         load_params(scalar)
 
 
+@pytest.mark.fault
 def test_float_spelling_trap_is_caught(raw: dict[str, Any]) -> None:
     """PyYAML reads 3e-3 (no dot) as the string '3e-3'; strict types refuse it instead of mis-reading it."""
     text = REPO_PARAMS.read_text().replace("threshold: 3.0e-3", "threshold: 3e-3")

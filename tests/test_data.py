@@ -62,6 +62,7 @@ def test_valid_csv_gives_typed_utc_frame(tmp_path: Path) -> None:
         (lambda rows: rows[:2] + [rows[1].replace(",100.5,", ",100.7,")] + rows[2:], "duplicate timestamps with different values"),
     ],
 )
+@pytest.mark.fault
 def test_each_rule_names_line_and_rule(tmp_path: Path, mutate, message: str) -> None:
     path = write_csv(tmp_path, mutate(candle_rows(6)))
     with pytest.raises(CandleValidationError) as info:
@@ -70,6 +71,7 @@ def test_each_rule_names_line_and_rule(tmp_path: Path, mutate, message: str) -> 
     assert str(path) in str(info.value)
 
 
+@pytest.mark.fault
 def test_missing_and_misnamed_columns_are_listed(tmp_path: Path) -> None:
     path = write_csv(tmp_path, [r.rsplit(",", 1)[0] for r in candle_rows(3)], header="timestamp,open,high,low,close\n")
     with pytest.raises(CandleValidationError, match=r"missing column\(s\) \['volume'\]"):
@@ -77,6 +79,7 @@ def test_missing_and_misnamed_columns_are_listed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("content", "message"), [("", "empty file"), (HEADER, "no candles")])
+@pytest.mark.fault
 def test_empty_file_and_header_only(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "candles.csv"
     path.write_text(content)
@@ -84,11 +87,13 @@ def test_empty_file_and_header_only(tmp_path: Path, content: str, message: str) 
         validate_file(path)
 
 
+@pytest.mark.fault
 def test_missing_file_names_the_params_key(tmp_path: Path) -> None:
     with pytest.raises(CandleValidationError, match=r"file not found \(data.csv.path\)"):
         read_csv_candles(tmp_path / "nope.csv")
 
 
+@pytest.mark.fault
 def test_identical_duplicates_dropped_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = candle_rows(4)
     frame, report = validate_file(write_csv(tmp_path, rows[:2] + [rows[1]] + rows[2:]))
@@ -96,6 +101,7 @@ def test_identical_duplicates_dropped_with_warning(tmp_path: Path, caplog: pytes
     assert "dropped 1 identical duplicate" in caplog.text
 
 
+@pytest.mark.fault
 def test_gaps_are_counted_not_filled(tmp_path: Path) -> None:
     rows = candle_rows(10)
     frame, report = validate_file(write_csv(tmp_path, rows[:3] + rows[5:6] + rows[9:]))
@@ -103,6 +109,7 @@ def test_gaps_are_counted_not_filled(tmp_path: Path) -> None:
     assert (report.gaps, report.missing_candles, report.largest_gap_candles) == (2, 5, 3)
 
 
+@pytest.mark.fault
 def test_in_memory_frames_must_be_utc(tmp_path: Path) -> None:
     frame, _ = validate_file(write_csv(tmp_path, candle_rows(3)))
     naive = frame.assign(timestamp=frame["timestamp"].dt.tz_localize(None))
@@ -113,12 +120,14 @@ def test_in_memory_frames_must_be_utc(tmp_path: Path) -> None:
         validate_candles(tokyo, "1h", "memory")
 
 
+@pytest.mark.fault
 def test_many_bad_rows_are_summarised(tmp_path: Path) -> None:
     rows = [r.replace(",100.5,", ",x,") for r in candle_rows(8)]
     with pytest.raises(CandleValidationError, match=r"\(and 3 more\)"):
         validate_file(write_csv(tmp_path, rows))
 
 
+@pytest.mark.fault
 def test_window_is_half_open_and_empty_window_is_an_error(tmp_path: Path) -> None:
     frame, _ = validate_file(write_csv(tmp_path, candle_rows(6)))
     start, end = frame["timestamp"].iloc[1], frame["timestamp"].iloc[4]
@@ -138,6 +147,7 @@ def test_parquet_round_trip_is_exact_and_byte_stable(tmp_path: Path) -> None:
     assert not list(first.parent.glob("*.tmp"))
 
 
+@pytest.mark.fault
 def test_read_candles_refuses_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="cryptoml fetch"):
         read_candles(tmp_path / "missing.parquet")

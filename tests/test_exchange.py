@@ -116,6 +116,7 @@ def test_a_day_longer_than_a_page_takes_several_pages(serve) -> None:
     assert len(pages) > 2 and max(pages) <= PAGE_LIMIT
 
 
+@pytest.mark.fault
 def test_a_real_exchange_outage_is_crossed(serve, shared_data: Path) -> None:
     """Binance's February 2018 outage: partial days around two days without a single candle."""
     real = read_candle_csv(shared_data / "BTC_USDT_1h_2017-08-17_2020-02-01.csv")
@@ -141,6 +142,7 @@ def test_on_page_reports_the_candles_kept_per_page(serve, candles) -> None:
 
 
 @pytest.mark.parametrize("status", [429, 500])
+@pytest.mark.fault
 def test_transient_http_errors_are_retried(serve, candles, status: int) -> None:
     fake = serve(candles)
     second_day = fake.candle_path(FIRST_DAY + DAY)
@@ -200,6 +202,7 @@ def test_a_window_not_yet_closed_fetches_nothing(serve, candles) -> None:
     assert fake.request_counts() == {}
 
 
+@pytest.mark.fault
 def test_exhausted_retries_raise_a_clear_error(serve, candles) -> None:
     fake = serve(candles)
     second_day = FIRST_DAY + DAY
@@ -216,6 +219,7 @@ def test_exhausted_retries_raise_a_clear_error(serve, candles) -> None:
     assert fake.request_count(fake.candle_path(second_day)) == max_retries + 1
 
 
+@pytest.mark.fault
 def test_a_non_transient_error_is_not_retried(serve, candles) -> None:
     fake = serve(candles)
     second_day = fake.candle_path(FIRST_DAY + DAY)
@@ -315,6 +319,7 @@ def test_overlapping_identical_candles_are_kept_once_and_sorted(candles) -> None
     pd.testing.assert_frame_equal(candles_to_frame(overlapping_pages), candles, check_exact=True)
 
 
+@pytest.mark.fault
 def test_two_different_candles_for_one_open_time_are_an_error(candles) -> None:
     rows = ccxt_rows(candles)
     revised = [*rows[0][:4], rows[0][4] + 1.0, rows[0][5]]

@@ -153,6 +153,7 @@ def test_result_is_writable_and_independent_of_the_input(synthetic_candles: pd.D
 
 
 @pytest.mark.parametrize("column", features.REQUIRED_COLUMNS)
+@pytest.mark.fault
 def test_missing_column_is_named(synthetic_candles: pd.DataFrame, column: str) -> None:
     with pytest.raises(ValueError, match=rf"missing column\(s\) \['{column}'\]"):
         MANAGER.generate_features(synthetic_candles.drop(columns=column))
@@ -167,6 +168,7 @@ def test_missing_column_is_named(synthetic_candles: pd.DataFrame, column: str) -
         ("high", 3, np.inf, r"'high' must be finite and > 0; row 3"),
     ],
 )
+@pytest.mark.fault
 def test_invalid_value_is_located(
     synthetic_candles: pd.DataFrame, column: str, row: int, value: float, message: str
 ) -> None:
@@ -176,6 +178,7 @@ def test_invalid_value_is_located(
         MANAGER.generate_features(candles)
 
 
+@pytest.mark.fault
 def test_unordered_and_naive_timestamps_are_rejected(synthetic_candles: pd.DataFrame) -> None:
     swapped = synthetic_candles.copy()
     swapped.loc[[10, 11], "timestamp"] = swapped.loc[[11, 10], "timestamp"].to_numpy()
@@ -186,6 +189,7 @@ def test_unordered_and_naive_timestamps_are_rejected(synthetic_candles: pd.DataF
         MANAGER.generate_features(naive)
 
 
+@pytest.mark.fault
 def test_too_few_candles_for_one_row(synthetic_candles: pd.DataFrame) -> None:
     warmup = MANAGER.warmup_rows
     assert len(MANAGER.generate_features(synthetic_candles.iloc[: warmup + 1])) == 1
@@ -231,6 +235,7 @@ def test_live_path_equals_batch(n_rows: int) -> None:
 
 
 @pytest.mark.parametrize("n_rows", [1, 5])
+@pytest.mark.fault
 def test_live_path_refuses_short_history(synthetic_candles: pd.DataFrame, n_rows: int) -> None:
     needed = LIVE_WINDOW + n_rows - 1
     with pytest.raises(ValueError, match=rf"needs the last {needed} candles.*got {needed - 1}"):

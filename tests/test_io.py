@@ -15,6 +15,7 @@ import numpy as np
 from cryptoml.io import METRICS_DECIMALS, atomic_path, dump_json, rounded_json, write_bytes_atomic, write_json_atomic
 
 
+@pytest.mark.fault
 def test_failed_write_leaves_old_bytes_and_no_temp_file(tmp_path: Path) -> None:
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")

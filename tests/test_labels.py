@@ -63,11 +63,13 @@ def test_labels_drop_the_tail_and_match_the_forward_return(horizon: int) -> None
         (pd.Series([1.0, 2.0], index=hourly_index(2)[::-1]), 1, "increasing"),
     ],
 )
+@pytest.mark.fault
 def test_make_labels_rejects_bad_input(close: pd.Series, horizon: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_labels(close, horizon)
 
 
+@pytest.mark.fault
 def test_make_labels_rejects_a_nan_threshold() -> None:
     with pytest.raises(ValueError, match="label.threshold must be a finite return"):
         make_labels(random_walk_close(10), threshold=float("nan"))
@@ -94,6 +96,7 @@ def test_align_names_the_nan_feature_column() -> None:
         align(features, labels)
 
 
+@pytest.mark.fault
 def test_align_refuses_frames_without_common_timestamps() -> None:
     features = pd.DataFrame({"close": 1.0}, index=hourly_index(5))
     labels = pd.Series(0, index=hourly_index(5, start="2025-01-01"))
@@ -156,6 +159,7 @@ def test_holdout_fraction_rounds_to_whole_rows() -> None:
         (0.5, 1, -1, r"split.embargo must be a non-negative"),
     ],
 )
+@pytest.mark.fault
 def test_holdout_split_errors_name_the_parameter(
     holdout: float | pd.Timedelta, horizon: int, embargo: int, message: str
 ) -> None:
@@ -163,6 +167,7 @@ def test_holdout_split_errors_name_the_parameter(
         holdout_split(hourly_index(100), holdout, horizon, embargo)
 
 
+@pytest.mark.fault
 def test_holdout_split_refuses_an_empty_dataset() -> None:
     with pytest.raises(ValueError, match="no labelled rows"):
         holdout_split(hourly_index(0), 0.2, horizon=1, embargo=0)
@@ -212,6 +217,7 @@ def test_no_training_label_sees_a_validation_price() -> None:
         assert first_evaluated - last_price_used > embargo
 
 
+@pytest.mark.fault
 def test_walk_forward_rejects_too_few_rows() -> None:
     with pytest.raises(ValueError, match=r"cv.n_splits=5 .* label.horizon=1 \+ split.embargo=24"):
         walk_forward_splits(40, n_splits=5, horizon=1, embargo=24)

@@ -42,6 +42,7 @@ def test_second_repro_runs_nothing_and_tree_stays_clean(repro_repo: Path) -> Non
     assert run(["git", "status", "--porcelain"], repro_repo).stdout == ""
 
 
+@pytest.mark.fault
 def test_bad_csv_fails_the_stage_naming_the_line(repro_repo: Path) -> None:
     csv = repro_repo / "data/external/candles.csv"
     csv.write_text(

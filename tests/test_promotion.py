@@ -21,7 +21,8 @@ import pytest
 
 from cryptoml import promotion
 from cryptoml.config import LabelParams
-from cryptoml.ensemble import MANIFEST_NAME, MODEL_NAMES, ModelArtifacts, ProductionEnsemble, read_artifacts
+from cryptoml.artifacts import MANIFEST_NAME, MODEL_NAMES, ModelArtifacts, read_artifacts
+from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.labels import make_labels
 from cryptoml.promotion import (
     METADATA_NAME,
@@ -32,6 +33,7 @@ from cryptoml.promotion import (
     read_production_metadata,
 )
 from cryptoml.training import score
+from tests.faults import manifest_digest, record_concurrent_loads, record_production_check
 from tests.test_ensemble import make_data
 
 DEFAULT = GateParams()
@@ -294,6 +296,7 @@ def production_with_model(challengers: list[Path], tmp_path: Path) -> Path:
     return production
 
 
+@pytest.mark.fault
 def test_a_challenger_that_does_not_load_leaves_production_untouched(challengers: list[Path], production_with_model: Path, tmp_path: Path) -> None:
     broken = Path(shutil.copytree(challengers[1], tmp_path / "broken"))
     (broken / next(iter(read_artifacts(broken).files))).write_bytes(b"not a model")
@@ -303,6 +306,7 @@ def test_a_challenger_that_does_not_load_leaves_production_untouched(challengers
     assert snapshot(production_with_model) == before
 
 
+@pytest.mark.fault
 def test_a_challenger_replaced_between_its_check_and_its_copy_is_refused(
     challengers: list[Path], production_with_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -322,6 +326,7 @@ def test_a_challenger_replaced_between_its_check_and_its_copy_is_refused(
         ({"score": math.nan}, r"metadata must be plain JSON data"),
     ],
 )
+@pytest.mark.fault
 def test_bad_metadata_is_refused_before_production_changes(
     metadata: dict[str, Any], message: str, challengers: list[Path], production_with_model: Path
 ) -> None:
@@ -341,6 +346,7 @@ def test_production_metadata_is_returned_only_for_the_served_model(challengers: 
     assert read_production_metadata(production_with_model) is None
 
 
+@pytest.mark.fault
 def test_unreadable_production_metadata_is_an_error(production_with_model: Path) -> None:
     (production_with_model / METADATA_NAME).write_text("{not json")
     with pytest.raises(PromotionError, match=r"production_model_metadata.json: not valid JSON"):
@@ -412,9 +418,12 @@ def readers_during_promotions(
     failures = [failure for report in reports for failure in report[1]]
     seen = {model_sha256 for report in reports for model_sha256 in report[2]}
     print(f"{loads} loads by {len(readers)} readers during {promotions} promotions: {len(failures)} failures, {len(seen)} models seen")
+    record_concurrent_loads(loads, len(failures))
+    record_production_check(production, before=None, new=[manifest_digest((training_dir / MANIFEST_NAME).read_bytes())])
     return loads, failures, seen, promotions
 
 
+@pytest.mark.fault
 def test_readers_never_see_a_partial_model(processes: BaseContext, challengers: list[Path], tmp_path: Path) -> None:
     loads, failures, seen, _ = readers_during_promotions(processes, challengers, tmp_path / "production", 30, 0)
     assert failures == []
@@ -423,6 +432,7 @@ def test_readers_never_see_a_partial_model(processes: BaseContext, challengers: 
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_readers_never_see_a_partial_model_over_a_thousand_loads(processes: BaseContext, challengers: list[Path], tmp_path: Path) -> None:
     loads, failures, seen, _ = readers_during_promotions(processes, challengers, tmp_path / "production", 100, 1000)
     assert failures == []
@@ -490,7 +500,7 @@ def promotion_calls(challengers: list[Path], crash_site: Callable[[], Path], mon
 
 def assert_old_or_new_model(production: Path, old: dict[str, bytes], new: ModelArtifacts) -> str:
     """The directory loads and serves the old model byte for byte, or exactly the new one; says which."""
-    ProductionEnsemble.load(production)
+    record_production_check(production, before=manifest_digest(old[MANIFEST_NAME]), new=[manifest_digest(new.manifest)])
     served = read_artifacts(production)
     if served.manifest == old[MANIFEST_NAME]:
         assert all(data == old[name] for name, data in served.files.items())
@@ -522,6 +532,7 @@ def clean_result(challengers: list[Path], crash_site: Callable[[], Path]) -> dic
     return snapshot(production)
 
 
+@pytest.mark.fault
 def test_a_promotion_killed_between_any_two_file_operations_leaves_one_whole_model(
     processes: BaseContext,
     challengers: list[Path],
@@ -553,6 +564,7 @@ def test_a_promotion_killed_between_any_two_file_operations_leaves_one_whole_mod
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 def test_a_promotion_killed_at_random_moments_leaves_one_whole_model(
     processes: BaseContext, challengers: list[Path], crash_site: Callable[[], Path], clean_result: dict[str, bytes]
 ) -> None:

@@ -117,6 +117,7 @@ def test_alert_payload_is_discord_json_within_its_limit() -> None:
     assert len(long) == MAX_CONTENT_CHARS and long.startswith("x")
 
 
+@pytest.mark.fault
 def test_send_alert_posts_and_never_logs_the_url(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO")
     with webhook_receiver() as receiver:
@@ -288,6 +289,7 @@ def rejection(workspace: Workspace, promotion: Promotion) -> Rejection:
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 def test_rejection_alerts_exits_2_and_leaves_production_byte_identical(workspace: Workspace, rejection: Rejection) -> None:
     assert rejection.run.exit_code == Outcome.REJECTED, rejection.run.output
     assert production_files(workspace.repo) == rejection.production_before
@@ -308,6 +310,7 @@ def unreachable_exchange_repo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 def test_exchange_down_alerts_and_exits_1(unreachable_exchange_repo: Path) -> None:
     with webhook_receiver() as webhook:
         failed = cryptoml_retrain(unreachable_exchange_repo, webhook.url, "--until", PROMOTION_UNTIL)
@@ -319,6 +322,7 @@ def test_exchange_down_alerts_and_exits_1(unreachable_exchange_repo: Path) -> No
 
 
 @pytest.mark.e2e
+@pytest.mark.fault
 def test_webhook_down_still_exits_1_with_the_failure_in_the_log(unreachable_exchange_repo: Path) -> None:
     failed = cryptoml_retrain(unreachable_exchange_repo, unreachable_url(), "--until", PROMOTION_UNTIL)
     assert failed.exit_code == Outcome.FAILED
@@ -327,6 +331,7 @@ def test_webhook_down_still_exits_1_with_the_failure_in_the_log(unreachable_exch
     assert SECRET_PATH not in failed.output
 
 
+@pytest.mark.fault
 def test_uncommitted_params_stop_the_retrain_before_any_branch_or_training(tmp_path: Path) -> None:
     repo = make_repo(tmp_path, FAST_TRAINING)
     set_params(repo, {"model.random_state": 1})  # would train a model its recorded commit does not describe

@@ -51,6 +51,7 @@ def test_metadata_ties_the_model_to_its_commit_and_hash(trained_repo: Path) -> N
     assert set(train_metrics["cv"]) == {"ensemble", "lightgbm", "xgboost", "random_forest"}
 
 
+@pytest.mark.fault
 def test_tampered_artifact_is_refused_and_dvc_notices(trained_repo: Path) -> None:
     manifest = json.loads((trained_repo / "models/training/ensemble.json").read_text())
     lightgbm_file = next(p for p in (trained_repo / "models/training").iterdir() if p.name.startswith("lightgbm"))
