@@ -22,6 +22,12 @@ app = typer.Typer(
 )
 log = logging.getLogger("cryptoml")
 ParamsOption = Annotated[Path, typer.Option("--params", help="params file")]
+ModelOption = Annotated[Path, typer.Option("--model", help="model directory")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object (for machines)")]
+
+
+def _candles_option(what: str) -> Any:
+    return typer.Option("--input", help=f"{what} CSV: timestamp,open,high,low,close,volume (UTC, oldest first)")
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
@@ -30,7 +36,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     They are shown as one clear message and exit code 1, without a traceback. Input checks raise ValueError
     subclasses by convention, so ValueError is in the list.
     """
-    from cryptoml.ensemble import ArtifactError
+    from cryptoml.artifacts import ArtifactError
     from cryptoml.exchange import ExchangeFetchError
 
     return (ValueError, FileNotFoundError, ExchangeFetchError, ArtifactError)
@@ -101,7 +107,7 @@ def promote(
 
 @app.command()
 @_command
-def info(as_json: Annotated[bool, typer.Option("--json", help="print everything as JSON")] = False) -> None:
+def info(as_json: JsonOption = False) -> None:
     """Show the production model: hashes, provenance, weights, threshold, holdout metrics."""
     from cryptoml.ensemble import ProductionEnsemble
     from cryptoml.io import dump_json
@@ -133,25 +139,54 @@ def info(as_json: Annotated[bool, typer.Option("--json", help="print everything 
 @app.command()
 @_command
 def predict(
-    input_csv: Annotated[
-        Path, typer.Option("--input", help="candles CSV: timestamp,open,high,low,close,volume (UTC, oldest first)")
-    ],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object (for machines)")] = False,
+    input_csv: Annotated[Path, _candles_option("candles")],
+    as_json: JsonOption = False,
     rows: Annotated[int, typer.Option("--rows", min=1, help="signals for the last ROWS closed candles")] = 1,
-    model_dir: Annotated[Path, typer.Option("--model", help="model directory")] = paths.PRODUCTION_DIR,
+    model_dir: ModelOption = paths.PRODUCTION_DIR,
     params_file: ParamsOption = paths.PARAMS,
 ) -> None:
     """Signal (up/flat) and P(up) of the production model for the latest closed candle(s) in a CSV (>= 1000 candles)."""
     from cryptoml.io import dump_json
     from cryptoml.predict import iso_utc, run_predict
 
-    prediction = run_predict(input_csv, load_params(params_file).data.timeframe, model_dir, rows)
+    params = load_params(params_file)
+    max_age = params.monitor.max_model_age_days if params.monitor.refuse_stale_predictions else None
+    prediction = run_predict(input_csv, params.data.timeframe, model_dir, rows, max_model_age_days=max_age)
     if as_json:
         typer.echo(dump_json(prediction.as_json()), nl=False)
         return
     for signal in prediction.signals:
         typer.echo(f"{iso_utc(signal.timestamp)}  {signal.signal:<4}  P(up) {signal.p_up:.4f}  (up when >= {prediction.decision_threshold:.4f})")
     typer.echo(f"model {prediction.model_sha256} ({prediction.backend})")
+
+
+@app.command()
+@_command
+def monitor(
+    input_csv: Annotated[Path, _candles_option("recent candles")],
+    as_json: JsonOption = False,
+    html_report: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML drift report here")] = None,
+    model_dir: ModelOption = paths.PRODUCTION_DIR,
+    params_file: ParamsOption = paths.PARAMS,
+    now: Annotated[str | None, typer.Option("--now", help="check as of this UTC time (ISO 8601; default now)")] = None,
+) -> None:
+    """Feature drift, live performance and age of the production model on recent candles (limits: monitor: in params).
+
+    Exit 0: ok. Exit 2: warn. Exit 3: alert. Exit 1: bad input. On warn or alert one message goes to the
+    webhook in $CRYPTOML_ALERT_WEBHOOK (never printed).
+    """
+    from cryptoml.alerts import send_alert
+    from cryptoml.io import dump_json, write_bytes_atomic
+    from cryptoml.monitoring import alert_message, format_report, parse_now, render_html, run_monitor
+
+    params = load_params(params_file)
+    report = run_monitor(input_csv, params.data.timeframe, model_dir, params.monitor, parse_now(now))
+    if html_report is not None:
+        write_bytes_atomic(html_report, render_html(report).encode())
+    typer.echo(dump_json(report.as_json()) if as_json else format_report(report), nl=False)
+    if report.status != "ok":
+        send_alert(alert_message(report))
+    raise typer.Exit(code=report.exit_code)
 
 
 @app.command()
@@ -212,3 +247,27 @@ def retrain(
 
     configure_logging()
     raise typer.Exit(code=int(run_retrain(until, base=base, pr_body=pr_body, push=push)))
+
+
+@app.command()
+@_command
+def doctor(
+    remote: Annotated[bool, typer.Option("--remote", help="also check that the default DVC remote answers (network)")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Check Python and libraries against the lock, params, dvc status, the production model's files, feature spec and ONNX parity.
+
+    One green or red line per check, with a fix under each red one. Exit 1 when any check is red.
+    """
+    from rich.console import Console
+
+    from cryptoml.doctor import print_results, results_json, run_checks
+    from cryptoml.io import dump_json
+
+    results = run_checks(Path("."), remote=remote)
+    if as_json:
+        typer.echo(dump_json(results_json(results)), nl=False)
+    else:
+        print_results(results, Console(highlight=False))
+    if not all(result.ok for result in results):
+        raise typer.Exit(code=1)

@@ -10,6 +10,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cryptoml.artifacts import validate_weights
+from cryptoml.feature_spec import FEATURE_NAMES
 from cryptoml.paths import PARAMS
 from cryptoml.timeframe import parse_timeframe
 
@@ -125,8 +127,6 @@ class ModelParams(_Section):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        from cryptoml.ensemble import validate_weights  # heavy import, only when weights are read
-
         validate_weights(value)
         return value
 
@@ -151,6 +151,46 @@ class GateParams(_Section):
     min_mcc: float | None = Field(None, ge=-1.0, le=1.0)
 
 
+class LiveRules(_Section):
+    """Rules on the production model's live scores; None turns a rule off."""
+
+    min_roc_auc: float | None = Field(0.5, ge=0.0, le=1.0)  # below chance: the ranking has broken down
+    max_log_loss_ratio: float | None = Field(1.02, gt=0.0, allow_inf_nan=False)  # live log loss / the class prior's
+    min_f1: float | None = Field(None, ge=0.0, le=1.0)  # the original system's rule (0.6), off by default
+
+
+# Features without a price or volume unit: a stable market gives them the same distribution in any month, so their
+# drift means the market behaves differently. The others (close, volume, the EMAs, MACD, ATR) move with the price
+# level and drift whenever the market trends; monitor reports their PSI without alerting on it unless listed.
+DEFAULT_DRIFT_FEATURES: tuple[str, ...] = ("returns_1", "rsi_14", "bb_position", "zscore", "volume_ratio")
+
+
+class MonitorParams(_Section):
+    """`cryptoml monitor`: drift and live-performance limits; read by no DVC stage."""
+
+    psi_warn: float = Field(0.1, gt=0.0, allow_inf_nan=False)
+    psi_alert: float = Field(0.25, gt=0.0, allow_inf_nan=False)
+    drift_features: list[str] = Field(default_factory=lambda: list(DEFAULT_DRIFT_FEATURES))
+    min_rows: int = Field(200, ge=1)  # recent rows needed for drift, labelled ones for the live rules
+    max_model_age_days: float = Field(14.0, gt=0.0, allow_inf_nan=False)
+    refuse_stale_predictions: bool = False
+    live: LiveRules = LiveRules()
+
+    @field_validator("drift_features")
+    @classmethod
+    def _known_features(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in FEATURE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown feature(s) {unknown}; expected names among {list(FEATURE_NAMES)}")
+        return names
+
+    @model_validator(mode="after")
+    def _ordered_levels(self) -> MonitorParams:
+        if self.psi_warn >= self.psi_alert:
+            raise ValueError(f"monitor.psi_warn ({self.psi_warn}) must be below monitor.psi_alert ({self.psi_alert})")
+        return self
+
+
 class Params(_Section):
     data: DataParams
     label: LabelParams = LabelParams()
@@ -159,6 +199,32 @@ class Params(_Section):
     model: ModelParams
     evaluate: EvaluateParams = EvaluateParams()
     gate: GateParams = GateParams()
+    monitor: MonitorParams = MonitorParams()
+
+    @model_validator(mode="after")
+    def _holdout_fits_the_window(self) -> Params:
+        """Refuse here a holdout the data window cannot hold, not after fetch, features and train have run.
+
+        Rows are counted on the candle grid of [data.start, data.end) (gaps only make them fewer): the features
+        drop the warm-up rows and the labels the last label.horizon candles. A holdout of fewer rows than the
+        warm-up plus the horizon is shorter than one indicator window: too few rows to score a model on.
+        """
+        from cryptoml.features import FeatureManager  # heavy import, as for model.weights
+
+        warmup, horizon = FeatureManager().warmup_rows, self.label.horizon
+        step = parse_timeframe(self.data.timeframe)
+        labelled = (self.data.end - self.data.start) // step - warmup - horizon
+        holdout = self.split.holdout_value
+        rows = holdout // step if isinstance(holdout, pd.Timedelta) else round(labelled * holdout)
+        fewest, most = warmup + horizon, labelled - horizon - self.split.embargo - 1
+        if not fewest <= rows <= most:
+            raise ValueError(
+                f"split.holdout ({self.split.holdout!r}) holds {rows} of the {max(labelled, 0)} labelled rows of "
+                f"[data.start, data.end); it must hold at least {fewest} (the feature warm-up of {warmup} rows + "
+                f"label.horizon {horizon}) and at most {most} (at least one training row must precede the purge gap "
+                f"of label.horizon + split.embargo rows)"
+            )
+        return self
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -167,6 +233,8 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] in {"missing", "extra_forbidden"}:
         message = "missing required key" if error["type"] == "missing" else "unknown key (a typo?)"
         return f"{key}: {message}"
+    if not error["loc"]:  # a check across sections: its message names the keys, the input is the whole file
+        return message
     return f"{key}: {message} (got {error['input']!r})"
 
 

@@ -17,7 +17,8 @@ from cryptoml import paths
 from cryptoml.config import Params
 from cryptoml.console import progress
 from cryptoml.data import fetch_candles, read_candles, write_parquet
-from cryptoml.ensemble import MANIFEST_NAME, ArtifactError, ProductionEnsemble
+from cryptoml.artifacts import MANIFEST_NAME, ArtifactError
+from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.evaluation import EvaluationResult, classification_metrics, evaluate_holdout
 from cryptoml.features import FeatureManager
 from cryptoml.timeframe import parse_timeframe
@@ -36,6 +37,14 @@ def run_fetch(params: Params, now: pd.Timestamp | None = None) -> None:
     log.info("fetching %s candles (%s) for [%s, %s)", data.timeframe, data.source, data.start, data.end)
     with progress(f"fetch {data.source}") as advance:
         candles, report = fetch_candles(data, now=now, on_page=advance)
+    fewest = FeatureManager().warmup_rows + params.label.horizon + 1
+    if report.rows < fewest:
+        source = data.csv.path if data.source == "csv" else f"data.source {data.source}"
+        raise ValueError(
+            f"{source}: {report.rows} candle(s) in [data.start, data.end) = [{data.start}, {data.end}); the pipeline needs "
+            f"at least {fewest} (the {fewest - params.label.horizon - 1} warm-up candles of the features, one feature row, "
+            f"label.horizon={params.label.horizon} candles to label it): supply more candles or widen the window"
+        )
     if report.gaps:
         log.warning(
             "%d gap(s) in the %s grid, %d missing candle(s), largest %d: kept as gaps, not filled",
@@ -97,7 +106,8 @@ def run_train(params: Params) -> None:
         git_commit=commit.sha,
         previous_version=None,
         feature_manager_version=FeatureManager.version,
-        params=params.model_dump(mode="json"),
+        # The monitor section is read by no stage: tuning it must not change the model's metadata.
+        params=params.model_dump(mode="json", exclude={"monitor"}),
         library_versions=result.ensemble.library_versions_,
     )
     write_json_atomic(paths.TRAINING_METADATA, metadata)

@@ -4,7 +4,8 @@ The candles pass the fetch stage's validation (data.timeframe grid, prices, orde
 that is still open at `now` is left out, since its close, high, low and volume are not final. The
 features come from FeatureManager.generate_latest, which reads the last LIVE_WINDOW candles, so the
 file must hold at least that many closed ones. The model is loaded with every hash verified and
-serves through its ONNX graph unless CRYPTOML_BACKEND=native.
+serves through its ONNX graph unless CRYPTOML_BACKEND=native. With monitor.refuse_stale_predictions, a model
+whose data ends more than monitor.max_model_age_days before `now` gives no signal at all.
 """
 
 from __future__ import annotations
@@ -58,8 +59,49 @@ class Prediction:
         }
 
 
+class StaleModelError(ValueError):
+    """The model's data is older than the configured limit, and stale predictions are refused."""
+
+
 def iso_utc(timestamp: pd.Timestamp) -> str:
     return timestamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def model_data_end(model: ProductionEnsemble) -> pd.Timestamp:
+    """The end of the data window the model was trained on (params data.end), recorded in its verified manifest."""
+    recorded = model.version_info_.get("data_end")
+    if recorded is None:
+        raise ValueError(
+            f"model {model.model_sha256_} records no data_end in its version_info: its age is unknown; "
+            "retrain it with `cryptoml train` (or `dvc repro`)"
+        )
+    return pd.Timestamp(recorded).tz_convert("UTC")
+
+
+def model_age_days(data_end: pd.Timestamp, now: pd.Timestamp) -> float:
+    """Days from the end of the model's data to `now`: how much market the model has never seen."""
+    return (now - data_end) / pd.Timedelta(days=1)
+
+
+def require_fresh_model(model: ProductionEnsemble, now: pd.Timestamp, max_age_days: float) -> None:
+    """Raise StaleModelError when the model's data ends more than `max_age_days` before `now`."""
+    data_end = model_data_end(model)
+    age = model_age_days(data_end, now)
+    if age > max_age_days:
+        raise StaleModelError(
+            f"model {model.model_sha256_} is stale: its data ends {iso_utc(data_end)}, {age:.1f} days before "
+            f"{iso_utc(now)}, over monitor.max_model_age_days={max_age_days:g}; no prediction is made because "
+            "monitor.refuse_stale_predictions is true: retrain (`cryptoml retrain`)"
+        )
+
+
+def read_closed_candles(csv_path: Path, timeframe: str, now: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The validated candles of a CSV and those of them closed at `now`; refuses a file with no closed candle."""
+    candles, _ = validate_candles(read_csv_candles(csv_path), timeframe, str(csv_path), first_line=_CSV_FIRST_LINE)
+    closed = closed_candles(candles, timeframe, now)
+    if closed.empty:
+        raise ValueError(f"{csv_path}: no closed {timeframe} candle (the last one opens at {iso_utc(candles['timestamp'].iloc[-1])})")
+    return candles, closed
 
 
 def closed_candles(candles: pd.DataFrame, timeframe: str, now: pd.Timestamp) -> pd.DataFrame:
@@ -79,13 +121,19 @@ def signals(features: pd.DataFrame, model: ProductionEnsemble) -> list[Signal]:
 
 
 def run_predict(
-    csv_path: Path, timeframe: str, model_dir: Path, n_rows: int = 1, now: pd.Timestamp | None = None
+    csv_path: Path,
+    timeframe: str,
+    model_dir: Path,
+    n_rows: int = 1,
+    now: pd.Timestamp | None = None,
+    max_model_age_days: float | None = None,
 ) -> Prediction:
-    """Read and validate the CSV, load the model, and predict the last n_rows closed candles."""
-    candles, _ = validate_candles(read_csv_candles(csv_path), timeframe, str(csv_path), first_line=_CSV_FIRST_LINE)
-    closed = closed_candles(candles, timeframe, pd.Timestamp.now(tz="UTC") if now is None else now)
-    if closed.empty:
-        raise ValueError(f"{csv_path}: no closed {timeframe} candle (the last one opens at {iso_utc(candles['timestamp'].iloc[-1])})")
+    """Read and validate the CSV, load the model, and predict the last n_rows closed candles.
+
+    With `max_model_age_days`, a model whose data ends longer ago than that is refused (StaleModelError).
+    """
+    now = pd.Timestamp.now(tz="UTC") if now is None else now
+    candles, closed = read_closed_candles(csv_path, timeframe, now)
     try:
         features = FeatureManager().generate_latest(closed, n_rows=n_rows)
     except ValueError as exc:
@@ -99,6 +147,8 @@ def run_predict(
             csv_path, used.gaps, used.missing_candles,
         )
     model = ProductionEnsemble.load(model_dir)
+    if max_model_age_days is not None:
+        require_fresh_model(model, now, max_model_age_days)
     return Prediction(
         signals=signals(features, model),
         model_sha256=str(model.model_sha256_),

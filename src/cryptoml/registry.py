@@ -136,8 +136,9 @@ def restore_files(rev: str, files: tuple[Path, ...], cwd: Path = Path(".")) -> N
         raise RegistryError(f"git checkout {rev} -- {' '.join(existing)} failed: {result.stderr.strip()}")
 
 
-def dvc(args: list[str], cwd: Path = Path(".")) -> None:
-    """Run the dvc of this environment; its own message is the error."""
+def dvc(args: list[str], cwd: Path = Path(".")) -> str:
+    """Run the dvc of this environment and return its stdout (`--json` answers); its own message is the error."""
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
         raise RegistryError(f"dvc {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
+    return result.stdout

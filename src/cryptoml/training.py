@@ -24,6 +24,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from cryptoml.drift import feature_reference
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.io import METRICS_DECIMALS, rounded_json
 from cryptoml.labels import Fold, Holdout, HoldoutSplit, build_dataset, holdout_split, walk_forward_splits
@@ -203,6 +204,8 @@ class TrainingResult:
     feature_names: tuple[str, ...]
     train_positive_rate: float
     metrics: dict[str, Any]
+    # The distribution of each feature on the rows the model was fitted on, which `cryptoml monitor` compares with.
+    feature_reference: dict[str, Any]
 
     @property
     def decision_threshold(self) -> float:
@@ -266,6 +269,7 @@ def run_training(features: pd.DataFrame, close: pd.Series, cfg: TrainingSettings
         feature_names=tuple(X.columns),
         train_positive_rate=positive_rate,
         metrics=build_train_metrics(cv, split, positive_rate),
+        feature_reference=feature_reference(X_train),
     )
 
 
@@ -325,5 +329,6 @@ def build_training_metadata(
             },
             "params": dict(params),
             "library_versions": dict(library_versions),
+            "feature_reference": result.feature_reference,
         }
     )
