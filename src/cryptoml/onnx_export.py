@@ -175,8 +175,9 @@ def _tree_arrays(name: str, attributes: dict[str, Any], dtype: type, exact: np.n
     roots = []
     for tree_id, in_tree in _positions_by_tree(attributes).items():
         root = in_tree[_root_id(name, tree_id, in_tree, attributes)]
-        roots.append(len(branches) if modes[root] == _LEAF else -1)
-        if modes[root] == _LEAF:
+        lone_leaf = modes[root] == _LEAF
+        if lone_leaf:
+            roots.append(len(branches))
             branches.append((0.0, _SPLIT_MODES[b"BRANCH_LEQ"], 0, 0))
             children.append((root, root))
         for position in sorted(in_tree.values()):
@@ -187,8 +188,8 @@ def _tree_arrays(name: str, attributes: dict[str, Any], dtype: type, exact: np.n
                 index[position] = (len(branches), 0)
                 branches.append((values[position], _SPLIT_MODES[modes[position]], attributes["nodes_featureids"][position], missing_tracks_true[position]))
                 children.append((in_tree[attributes["nodes_truenodeids"][position]], in_tree[attributes["nodes_falsenodeids"][position]]))
-        if roots[-1] < 0:
-            roots[-1] = index[root][0]
+        if not lone_leaf:
+            roots.append(index[root][0])
     splits, branch_modes, features, missing = zip(*branches, strict=True)
     true_side = [index[true] for true, _ in children]
     false_side = [index[false] for _, false in children]
