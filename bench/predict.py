@@ -1,7 +1,6 @@
-"""Single-row predict_proba latency: ProductionEnsemble against the original system's naive path,
-and the wall time of the train stage on the default data.
+"""Single-row predict_proba latency: ProductionEnsemble against the original system's naive path.
 
-    python bench/predict.py [MODEL_DIR] [--calls N] [--no-train-stage]
+    python bench/predict.py [MODEL_DIR] [--calls N]
 
 The ensemble is loaded with its native backend (bench/serve.py measures the ONNX serving path) from
 MODEL_DIR (or trained with the default hyperparameters on seeded random
@@ -28,12 +27,8 @@ import pandas as pd
 import xgboost
 from sklearn.ensemble import RandomForestClassifier
 
-from cryptoml.config import load_params
-from cryptoml.data import fetch_candles
 from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import FEATURE_NAMES, FeatureManager
-from cryptoml.pipeline import training_settings
-from cryptoml.training import run_training
+from cryptoml.features import FEATURE_NAMES
 
 TRAIN_ROWS = 5_000
 ROW_POOL = 100  # distinct rows cycled through, so no call repeats its predecessor's input
@@ -77,24 +72,10 @@ def latencies_ms(predict_proba: Callable[[pd.DataFrame], np.ndarray], rows: list
     return timings * 1e3
 
 
-def train_stage_seconds(params_file: Path) -> float:
-    """Wall time of the train stage's work (reading inputs excluded) with the repository's params."""
-    params = load_params(params_file)
-    candles, _ = fetch_candles(params.data)
-    features = FeatureManager().generate_features(candles)
-    close = candles.set_index("timestamp")["close"]
-    with tempfile.TemporaryDirectory() as scratch:
-        start = time.perf_counter()
-        run_training(features, close, training_settings(params)).ensemble.save(Path(scratch) / "model")
-        return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", nargs="?", type=Path, help="saved ProductionEnsemble (default: train one)")
     parser.add_argument("--calls", type=int, default=2_000, help="timed single-row calls per implementation")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params for the train-stage timing")
-    parser.add_argument("--no-train-stage", action="store_true", help="skip timing the train stage")
     args = parser.parse_args()
 
     X, y = random_training_data(TRAIN_ROWS, SEED)
@@ -121,8 +102,6 @@ def main() -> None:
     ours, original = results.values()
     for label, percentile in (("p50", 50), ("p99", 99)):
         print(f"naive / ProductionEnsemble {label}: {np.percentile(original, percentile) / np.percentile(ours, percentile):.1f}x")
-    if not args.no_train_stage:
-        print(f"train stage (CV + threshold + final fit + save) on {args.params}: {train_stage_seconds(args.params):.1f} s")
 
 
 if __name__ == "__main__":

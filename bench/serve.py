@@ -38,7 +38,7 @@ from cryptoml.config import Params, load_params
 from cryptoml.artifacts import COMPONENT_SUFFIXES, MANIFEST_NAME, ONNX_GRAPH, read_artifacts
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.features import LIVE_WINDOW, FeatureManager
-from cryptoml.labels import build_dataset, holdout_split
+from cryptoml.labels import build_dataset
 from cryptoml.synthetic import simulate_candles
 from cryptoml.timeframe import parse_timeframe
 
@@ -116,10 +116,8 @@ def synthetic_features(params: Params, seed: int, min_rows: int = 0) -> tuple[pd
 
 
 def training_rows(params: Params, candles: pd.DataFrame, features: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
-    """The rows the train stage fits the final model on (labelled, before the holdout)."""
-    X, y = build_dataset(features, candles.set_index("timestamp")["close"], params.label.horizon, params.label.threshold)
-    split = holdout_split(X.index, params.split.holdout_value, params.label.horizon, params.split.embargo)
-    return X.iloc[split.train], y.iloc[split.train]
+    """The rows the train stage fits the production model on: every labelled row."""
+    return build_dataset(features, candles.set_index("timestamp")["close"], params.label.horizon, params.label.threshold)
 
 
 def throughput(predict_proba: Callable[[pd.DataFrame], np.ndarray], rows: pd.DataFrame) -> float:

@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin"
 # What a fresh clone holds that the pipeline needs (src is needed for dvc.yaml's code dependencies).
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
-PIPELINE_DIRS = ("src", "data/external")
+PIPELINE_DIRS = ("src", "data/external", ".dvc/plots")
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -54,8 +54,17 @@ def make_repo(root: Path, params: dict[str, Any] | None = None) -> Path:
     run(["git", "init", "-q", "-b", "main"], repo)
     run(["git", "config", "user.email", "test@example.invalid"], repo)
     run(["git", "config", "user.name", "cryptoml test"], repo)
+    remove_remotes(repo)
     commit_all(repo, "pipeline")
     return repo
+
+
+def remove_remotes(repo: Path) -> None:
+    """Keep tests hermetic: a remote the user committed to .dvc/config (as the README says to) is not the tests' to use."""
+    if "remote" not in (repo / ".dvc/config").read_text():
+        return
+    for line in run(["dvc", "remote", "list", "--project"], repo).stdout.splitlines():
+        run(["dvc", "remote", "remove", "--project", line.split()[0]], repo)
 
 
 def commit_all(repo: Path, message: str) -> str:

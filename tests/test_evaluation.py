@@ -1,4 +1,4 @@
-"""Holdout scores, baselines, the after-fee backtest, plot tables and evaluate.json content."""
+"""Walk-forward scores, baselines, the after-fee backtest, plot tables and evaluate.json content."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from sklearn.metrics import (
 
 from cryptoml.artifacts import MODEL_NAMES
 from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.executor import ExecutorSettings
 from cryptoml.evaluation import (
     BASELINE_NAMES,
     MAX_CURVE_POINTS,
@@ -34,7 +35,7 @@ from cryptoml.evaluation import (
     baseline_probabilities,
     calibration_table,
     classification_metrics,
-    evaluate_holdout,
+    evaluate_walk_forward,
     max_drawdown,
     periods_per_year,
     persistence_labels,
@@ -43,10 +44,10 @@ from cryptoml.evaluation import (
     sharpe_ratio,
 )
 from cryptoml.features import FEATURE_NAMES, FeatureManager
-from cryptoml.labels import build_dataset, holdout_split
+from cryptoml.labels import make_labels
 from cryptoml.synthetic import simulate_candles
 from cryptoml.io import METRICS_DECIMALS
-from cryptoml.training import ENSEMBLE
+from cryptoml.training import FitSettings, TrainingResult, TrainingSettings, run_training
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in MODEL_NAMES}
 HOUR = pd.Timedelta(hours=1)
@@ -111,8 +112,8 @@ def test_an_uninformative_predictor_has_no_skill() -> None:
     assert metrics["signal_rate"] == 0.0
 
 
-def test_a_single_class_holdout_is_refused() -> None:
-    with pytest.raises(ValueError, match="all 4 holdout labels are 0: ROC AUC and PR AUC are undefined"):
+def test_a_single_class_span_is_refused() -> None:
+    with pytest.raises(ValueError, match="all 4 evaluated labels are 0: ROC AUC and PR AUC are undefined"):
         classification_metrics(np.zeros(4, dtype=np.int64), np.full(4, 0.2), threshold=0.5)
 
 
@@ -168,7 +169,7 @@ def test_baselines_class_prior_always_up_and_persistence() -> None:
     close, labels = labelled_path(horizon=1, threshold=0.0, n_rows=400)
     holdout = labels.iloc[100:]
     train_rate = float(labels.iloc[:90].mean())
-    baselines = baseline_probabilities(holdout, close, train_positive_rate=train_rate, horizon=1, label_threshold=0.0)
+    baselines = baseline_probabilities(holdout, close, prior=train_rate, horizon=1, label_threshold=0.0)
     assert tuple(baselines) == BASELINE_NAMES
     scores = {name: classification_metrics(holdout, proba, threshold=0.5) for name, proba in baselines.items()}
 
@@ -184,8 +185,19 @@ def test_baselines_class_prior_always_up_and_persistence() -> None:
 
 def test_class_prior_needs_a_training_rate_strictly_between_0_and_1() -> None:
     close, labels = labelled_path(horizon=1, threshold=0.0)
-    with pytest.raises(ValueError, match="train_positive_rate must be in \\(0, 1\\)"):
-        baseline_probabilities(labels.iloc[30:], close, train_positive_rate=1.0, horizon=1, label_threshold=0.0)
+    with pytest.raises(ValueError, match="the class prior must be in \\(0, 1\\)"):
+        baseline_probabilities(labels.iloc[30:], close, prior=1.0, horizon=1, label_threshold=0.0)
+    per_step = np.full(len(labels) - 30, 0.3)
+    per_step[-1] = 0.0
+    with pytest.raises(ValueError, match="the class prior must be in \\(0, 1\\)"):
+        baseline_probabilities(labels.iloc[30:], close, prior=per_step, horizon=1, label_threshold=0.0)
+
+
+def test_class_prior_takes_one_rate_per_row() -> None:
+    close, labels = labelled_path(horizon=1, threshold=0.0)
+    rates = np.linspace(0.2, 0.4, len(labels) - 30)
+    baselines = baseline_probabilities(labels.iloc[30:], close, prior=rates, horizon=1, label_threshold=0.0)
+    np.testing.assert_array_equal(baselines["class_prior"], rates)
 
 
 # --- backtest -----------------------------------------------------------------------------------
@@ -329,9 +341,9 @@ def test_feature_importances_are_shares_of_the_features_each_model_used(tmp_path
 
 @dataclass(frozen=True, eq=False)
 class Evaluated:
-    ensemble: ProductionEnsemble
-    X_holdout: pd.DataFrame
-    y_holdout: pd.Series
+    training: TrainingResult
+    scored: pd.DataFrame  # the scored rows of the record
+    labels: pd.Series  # their labels
     result: EvaluationResult
 
 
@@ -340,24 +352,29 @@ def evaluated() -> Evaluated:
     candles = simulate_candles(pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-04-01", tz="UTC"), "1h", seed=7)
     close = candles.set_index("timestamp")["close"]
     horizon, label_threshold = 1, 3.0e-3
-    X, y = build_dataset(FeatureManager().generate_features(candles), close, horizon, label_threshold)
-    split = holdout_split(X.index, 0.2, horizon, embargo=24)
-    train_labels = y.iloc[split.train]
-    ensemble = ProductionEnsemble(model_params=SMALL_MODELS, decision_threshold=float(train_labels.mean()))
-    ensemble.fit(X.iloc[split.train], train_labels)
-    X_holdout, y_holdout = X.iloc[split.holdout], y.iloc[split.holdout]
-    result = evaluate_holdout(
-        ensemble,
-        X_holdout,
-        y_holdout,
+    settings = TrainingSettings(
+        horizon=horizon,
+        threshold=label_threshold,
+        holdout=0.25,
+        embargo=24,
+        every=pd.Timedelta("7D"),
+        warmup_steps=1,
+        fit=FitSettings(weights=None, model_params=SMALL_MODELS, random_state=3, n_jobs=1),
+    )
+    training = run_training(FeatureManager().generate_features(candles), close, settings, ExecutorSettings(workers=1))
+    labels = make_labels(close, horizon, label_threshold)
+    result = evaluate_walk_forward(
+        training.record,
+        labels,
         close,
-        train_positive_rate=float(train_labels.mean()),
+        training.ensemble.feature_importances(),
         fee=FEE,
         timeframe=HOUR,
         horizon=horizon,
         label_threshold=label_threshold,
     )
-    return Evaluated(ensemble=ensemble, X_holdout=X_holdout, y_holdout=y_holdout, result=result)
+    scored = training.record[training.record["scored"]].reset_index(drop=True)
+    return Evaluated(training=training, scored=scored, labels=labels.loc[scored["timestamp"]], result=result)
 
 
 def float_values(tree: object) -> list[float]:
@@ -368,52 +385,84 @@ def float_values(tree: object) -> list[float]:
 
 def test_evaluate_json_content_is_finite_rounded_and_serialisable(evaluated: Evaluated) -> None:
     metrics = evaluated.result.metrics
-    assert set(metrics) == {"decision_threshold", "train_positive_rate", "holdout", "backtest", "baselines", ENSEMBLE, *MODEL_NAMES}
+    assert set(metrics) == {"span", "policy", "frozen", "components", "baselines", "backtest", "steps"}
+    assert set(metrics["components"]) == set(MODEL_NAMES)
     assert set(metrics["baselines"]) == set(BASELINE_NAMES)
-    assert set(metrics["backtest"]) == {"bars", "fee", "periods_per_year", "strategy", "buy_and_hold"}
+    assert set(metrics["backtest"]) == {"bars", "fee", "periods_per_year", "policy", "frozen", "buy_and_hold"}
     json.loads(json.dumps(metrics, allow_nan=False))
     values = float_values(metrics)
     assert values and all(math.isfinite(value) and round(value, METRICS_DECIMALS) == value for value in values)
-    holdout = metrics["holdout"]
-    assert holdout["rows"] == len(evaluated.y_holdout)
-    assert holdout["start"] == evaluated.X_holdout.index[0].isoformat()
-    assert holdout["positive_rate"] == round(evaluated.y_holdout.mean(), METRICS_DECIMALS)
+    span = metrics["span"]
+    assert span["rows"] == len(evaluated.scored) == len(evaluated.labels)
+    assert span["start"] == evaluated.scored["timestamp"].iloc[0].isoformat()
+    assert span["steps"] == evaluated.scored["step"].nunique() >= 2
+    assert span["positive_rate"] == round(evaluated.labels.mean(), METRICS_DECIMALS)
 
 
-def test_evaluate_scores_the_ensemble_and_its_models_at_the_stored_threshold(evaluated: Evaluated) -> None:
-    ensemble, X, y = evaluated.ensemble, evaluated.X_holdout, evaluated.y_holdout
-    metrics = evaluated.result.metrics
-    up = ensemble.predict_proba(X)[:, 1]
-    assert metrics[ENSEMBLE]["roc_auc"] == round(roc_auc_score(y, up), METRICS_DECIMALS)
-    assert metrics[ENSEMBLE]["signal_rate"] == round(ensemble.predict(X).mean(), METRICS_DECIMALS)
-    for name, proba in ensemble.component_proba(X).items():
-        predicted = proba >= ensemble.decision_threshold
-        assert metrics[name]["recall"] == round(recall_score(y, predicted), METRICS_DECIMALS), name
-    assert metrics["decision_threshold"] == round(ensemble.decision_threshold, METRICS_DECIMALS)
+def test_only_scored_rows_count_and_every_row_was_predicted_by_a_model_that_never_saw_it(evaluated: Evaluated) -> None:
+    record, training = evaluated.training.record, evaluated.training
+    assert (~record["scored"]).sum() > 0 and len(evaluated.scored) < len(record)
+    for step in training.steps:
+        train_end = training.train_index[step.train_stop - 1]
+        predicted = record.loc[record["step"] == step.number, "timestamp"]
+        assert train_end < predicted.iloc[0], step
 
 
-def test_evaluate_backtests_the_ensemble_signal_on_every_holdout_row(evaluated: Evaluated) -> None:
-    signal = evaluated.ensemble.predict(evaluated.X_holdout)
+def test_the_policy_is_scored_at_each_step_threshold_and_frozen_at_the_first(evaluated: Evaluated) -> None:
+    scored, y, metrics = evaluated.scored, evaluated.labels.to_numpy(), evaluated.result.metrics
+    thresholds = scored["threshold"].to_numpy()
+    assert len(np.unique(thresholds)) > 1, "each step chooses its own threshold"
+    assert metrics["policy"]["roc_auc"] == round(roc_auc_score(y, scored["p_up"]), METRICS_DECIMALS)
+    assert metrics["policy"]["signal_rate"] == round(np.mean(scored["p_up"] >= thresholds), METRICS_DECIMALS)
+    assert metrics["frozen"]["roc_auc"] == round(roc_auc_score(y, scored["frozen_p_up"]), METRICS_DECIMALS)
+    assert metrics["frozen"]["signal_rate"] == round(np.mean(scored["frozen_p_up"] >= thresholds[0]), METRICS_DECIMALS)
+    for name in MODEL_NAMES:
+        assert metrics["components"][name]["recall"] == round(recall_score(y, scored[name] >= thresholds), METRICS_DECIMALS), name
+    prior = metrics["baselines"]["class_prior"]
+    assert prior["brier"] == round(np.mean((y - scored["prior"]) ** 2), METRICS_DECIMALS)
+    assert metrics["policy"]["log_loss_vs_prior"] == pytest.approx(metrics["policy"]["log_loss"] / prior["log_loss"], abs=1e-5)
+
+
+def test_evaluate_backtests_policy_and_frozen_signals_on_every_row(evaluated: Evaluated) -> None:
+    scored = evaluated.scored
+    signals = {"policy": (scored["p_up"] >= scored["threshold"]).astype(int), "frozen": (scored["frozen_p_up"] >= scored["threshold"].iloc[0]).astype(int)}
     backtest_metrics = evaluated.result.metrics["backtest"]
-    assert backtest_metrics["bars"] == len(signal)  # the close series goes on past the last labelled row
-    assert backtest_metrics["strategy"]["trades"] == np.abs(np.diff(signal, prepend=0)).sum()
-    assert backtest_metrics["strategy"]["exposure"] == round(signal.mean(), METRICS_DECIMALS)
+    assert backtest_metrics["bars"] == len(scored)  # the close series goes on past the last labelled row
+    for name, signal in signals.items():
+        assert backtest_metrics[name]["trades"] == np.abs(np.diff(signal, prepend=0)).sum(), name
+        assert backtest_metrics[name]["exposure"] == round(signal.mean(), METRICS_DECIMALS), name
     equity = evaluated.result.plots["equity"]
-    assert len(equity) == len(signal) + 1
-    assert equity["timestamp"].iloc[0] == evaluated.X_holdout.index[0]
+    assert list(equity.columns) == ["timestamp", "policy", "frozen", "buy_and_hold"]
+    assert len(equity) == len(scored) + 1
+    assert equity["timestamp"].iloc[0] == scored["timestamp"].iloc[0]
+
+
+def test_per_step_skill_table(evaluated: Evaluated) -> None:
+    steps, scored, y = evaluated.result.plots["walk_forward"], evaluated.scored, evaluated.labels.to_numpy()
+    assert steps["step"].tolist() == sorted(scored["step"].unique())
+    assert steps["rows"].sum() == len(scored)
+    for _, row in steps.iterrows():
+        rows = (scored["step"] == row["step"]).to_numpy()
+        assert row["start"] == scored.loc[rows, "timestamp"].iloc[0].isoformat()
+        assert row["policy_roc_auc"] == pytest.approx(roc_auc_score(y[rows], scored.loc[rows, "p_up"]))
+        prior_loss = log_loss(y[rows], scored.loc[rows, "prior"], labels=[0, 1])
+        assert row["policy_log_loss_ratio"] == pytest.approx(log_loss(y[rows], scored.loc[rows, "p_up"], labels=[0, 1]) / prior_loss)
+    spread = evaluated.result.metrics["steps"]["policy_roc_auc"]
+    assert spread["min"] == round(steps["policy_roc_auc"].min(), METRICS_DECIMALS)
+    assert spread["max"] == round(steps["policy_roc_auc"].max(), METRICS_DECIMALS)
 
 
 def test_evaluate_plot_tables(evaluated: Evaluated) -> None:
     plots = evaluated.result.plots
     assert tuple(plots) == PLOT_NAMES
-    curve_models = {ENSEMBLE, *MODEL_NAMES}
+    curve_models = {"policy", "frozen", *MODEL_NAMES}
     for name in ("roc", "precision_recall", "calibration"):
         assert set(plots[name]["model"]) == curve_models, name
         assert plots[name].groupby("model").size().max() <= MAX_CURVE_POINTS, name
     confusion = plots["confusion"]
     assert list(confusion.columns) == ["actual", "predicted"]
-    assert confusion["actual"].tolist() == evaluated.y_holdout.tolist()
-    assert confusion["predicted"].tolist() == evaluated.ensemble.predict(evaluated.X_holdout).tolist()
+    assert confusion["actual"].tolist() == evaluated.labels.tolist()
+    assert confusion["predicted"].tolist() == (evaluated.scored["p_up"] >= evaluated.scored["threshold"]).astype(int).tolist()
     importance = plots["feature_importance"]
     assert list(importance.columns) == ["feature", "importance", "model"]
     for name, part in importance.groupby("model"):
@@ -421,16 +470,11 @@ def test_evaluate_plot_tables(evaluated: Evaluated) -> None:
         assert part["importance"].sum() == pytest.approx(1.0), name
 
 
-def test_evaluate_refuses_labels_not_aligned_with_features(evaluated: Evaluated) -> None:
-    with pytest.raises(ValueError, match="y_holdout's index differs from X_holdout's"):
-        evaluate_holdout(
-            evaluated.ensemble,
-            evaluated.X_holdout,
-            evaluated.y_holdout.iloc[1:],
-            pd.Series(dtype=np.float64),
-            train_positive_rate=0.25,
-            fee=FEE,
-            timeframe=HOUR,
-            horizon=1,
-            label_threshold=3.0e-3,
+@pytest.mark.fault
+def test_evaluate_refuses_a_record_of_other_candles(evaluated: Evaluated) -> None:
+    record = evaluated.training.record.copy()
+    record["timestamp"] = record["timestamp"] + pd.Timedelta(days=400)
+    with pytest.raises(ValueError, match=r"predicts 2025-.* which has no label in the current data: .* run the train stage again"):
+        evaluate_walk_forward(
+            record, evaluated.labels, pd.Series(dtype=np.float64), {}, fee=FEE, timeframe=HOUR, horizon=1, label_threshold=3.0e-3
         )

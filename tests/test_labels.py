@@ -1,4 +1,4 @@
-"""Labels, feature/label alignment and purged chronological splits."""
+"""Labels, feature/label alignment and the purged walk-forward steps of the retrain policy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cryptoml.labels import align, build_dataset, holdout_split, make_labels, walk_forward_splits
+from cryptoml.labels import STEP_ANCHOR, align, build_dataset, make_labels, walk_forward_steps
 
 HOUR = pd.Timedelta(hours=1)
 
@@ -104,125 +104,100 @@ def test_align_refuses_frames_without_common_timestamps() -> None:
         align(features, labels)
 
 
-# --- holdout_split ----------------------------------------------------------------------------
+# --- walk_forward_steps --------------------------------------------------------------------------
+
+WEEK = pd.Timedelta("7D")
 
 
 @given(
-    n_rows=st.integers(20, 400),
-    fraction=st.floats(0.05, 0.6),
+    n_days=st.integers(40, 120),
+    fraction=st.floats(0.1, 0.5),
+    every_days=st.integers(1, 10),
+    warmup_steps=st.integers(1, 3),
     horizon=st.integers(1, 12),
     embargo=st.integers(0, 30),
 )
-def test_holdout_split_purges_horizon_plus_embargo_rows(n_rows: int, fraction: float, horizon: int, embargo: int) -> None:
-    index = hourly_index(n_rows)
-    n_holdout = round(n_rows * fraction)
-    if n_holdout < 1 or n_rows - n_holdout - horizon - embargo < 1:
-        with pytest.raises(ValueError, match="split.holdout"):
-            holdout_split(index, fraction, horizon, embargo)
-        return
-    split = holdout_split(index, fraction, horizon, embargo)
-    np.testing.assert_array_equal(split.holdout, np.arange(n_rows - n_holdout, n_rows))
-    np.testing.assert_array_equal(split.train, np.arange(split.train_stop))
-    # The label of the last training row ends `horizon` rows later; `embargo` more rows follow it.
-    last_label_end = split.train[-1] + horizon
-    assert split.holdout[0] - last_label_end - 1 == embargo
-    assert split.purged_rows == horizon + embargo
-    assert (split.train_end_time, split.holdout_start_time) == (index[split.train[-1]], index[split.holdout[0]])
+def test_walk_forward_steps_are_chronological_purged_and_calendar_anchored(
+    n_days: int, fraction: float, every_days: int, warmup_steps: int, horizon: int, embargo: int
+) -> None:
+    index = hourly_index(n_days * 24, start="2024-01-03 05:00")
+    every = pd.Timedelta(days=every_days)
+    steps = walk_forward_steps(index, fraction, every, warmup_steps, horizon, embargo)
+    scored = [step for step in steps if step.scored]
+    assert [step.number for step in steps] == list(range(1, len(steps) + 1))
+    assert len(steps) - len(scored) == warmup_steps and not any(step.scored for step in steps[:warmup_steps])
+    # Consecutive blocks that cover the rows from the first warm-up step to the last row.
+    assert all(step.stop == following.start for step, following in zip(steps, steps[1:]))
+    assert steps[-1].stop == len(index)
+    for step in steps:
+        # Each step trains on every earlier row but the purge gap: the last training label ends before the step.
+        assert step.start - step.train_stop == horizon + embargo
+        assert (step.train_stop - 1) + horizon < step.start
+        # Every step but the last starts and ends on a multiple of `every` from the Unix epoch.
+        assert (index[step.start] - STEP_ANCHOR) % every == pd.Timedelta(0)
+        if step is not steps[-1]:
+            assert index[step.stop - 1] + HOUR - index[step.start] == every
+    # The span starts at the first step boundary at or after the holdout's first row.
+    first_holdout = index[len(index) - round(len(index) * fraction)]
+    assert first_holdout <= index[scored[0].start] < first_holdout + every
 
 
-def test_holdout_duration_counts_time_not_rows() -> None:
-    full = hourly_index(1000)
-    # Ten missing candles inside the last ten days: a duration still means ten days, not 240 rows.
-    index = full.delete(range(900, 910))
-    split = holdout_split(index, pd.Timedelta("10D"), horizon=1, embargo=24)
-    assert split.holdout_end_time == full[-1]
-    assert split.holdout_start_time == full[-1] - pd.Timedelta("10D") + HOUR
-    assert len(split.holdout) == 240 - 10
-    assert split.train_end_time == index[split.holdout[0] - 1 - 24 - 1]
+def test_a_later_data_end_keeps_every_earlier_step() -> None:
+    """A weekly retrain that only moves data.end repeats the steps both runs share: same rows, same training rows."""
+    index = hourly_index(120 * 24)
+    before = walk_forward_steps(index[: -7 * 24], pd.Timedelta("42D"), WEEK, 1, horizon=1, embargo=24)
+    after = walk_forward_steps(index, pd.Timedelta("42D"), WEEK, 1, horizon=1, embargo=24)
+    # The span moved a week: the steps of `before` from the first step of `after` on, but its cut-short last one.
+    shared = {(step.start, step.stop, step.train_stop) for step in before[:-1] if step.start >= after[0].start}
+    assert len(shared) == len(before) - 2
+    assert shared <= {(step.start, step.stop, step.train_stop) for step in after}
 
 
-def test_holdout_fraction_rounds_to_whole_rows() -> None:
-    split = holdout_split(hourly_index(1000), 0.2, horizon=1, embargo=0)
-    assert len(split.holdout) == 200
-    assert len(split.train) == 1000 - 200 - 1
+def test_holdout_duration_counts_time_and_steps_skip_a_gap() -> None:
+    full = hourly_index(100 * 24)
+    # The whole 9th-to-last week is missing: that step has no rows and is left out, the others keep whole weeks.
+    index = full[~((full >= "2024-03-11") & (full < "2024-03-18"))]
+    steps = walk_forward_steps(index, pd.Timedelta("70D"), WEEK, 1, horizon=1, embargo=0)
+    starts = [index[step.start] for step in steps]
+    assert pd.Timestamp("2024-03-11", tz="UTC") not in starts
+    assert pd.Timestamp("2024-03-18", tz="UTC") in starts
+    assert index[steps[-1].stop - 1] == full[-1]
 
 
 @pytest.mark.parametrize(
-    ("holdout", "horizon", "embargo", "message"),
+    ("holdout", "every", "warmup", "horizon", "embargo", "message"),
     [
-        (0.001, 1, 0, r"split.holdout=0.001 selects no row of the 100"),
-        (1.0, 1, 0, r"split.holdout must be a fraction in \(0, 1\)"),
-        (0.0, 1, 0, r"split.holdout must be a fraction in \(0, 1\)"),
-        (pd.Timedelta("30D"), 1, 0, r"covers all 100 labelled rows"),
-        (pd.Timedelta("-1D"), 1, 0, r"split.holdout must be a positive duration"),
-        (0.5, 20, 30, r"label.horizon=20 \+ split.embargo=30"),
-        (0.5, 1, -1, r"split.embargo must be a non-negative"),
+        (0.0001, WEEK, 1, 1, 0, r"split.holdout=0.0001 selects 0 of the 2400"),
+        (1.0, WEEK, 1, 1, 0, r"split.holdout must be a fraction in \(0, 1\)"),
+        (pd.Timedelta("-1D"), WEEK, 1, 1, 0, r"split.holdout must be a positive duration"),
+        (pd.Timedelta("2D"), pd.Timedelta("30D"), 1, 1, 0, r"holds no retrain.every=30 days .* step boundary"),
+        (0.2, WEEK, 0, 1, 0, r"retrain.warmup_steps must be at least 1"),
+        (0.2, pd.Timedelta(0), 1, 1, 0, r"retrain.every must be a positive duration"),
+        (0.5, pd.Timedelta("30D"), 3, 1, 24, r"retrain.warmup_steps=3 the window needs more data"),
+        (0.5, WEEK, 1, 1, -1, r"split.embargo must be a non-negative"),
     ],
 )
 @pytest.mark.fault
-def test_holdout_split_errors_name_the_parameter(
-    holdout: float | pd.Timedelta, horizon: int, embargo: int, message: str
+def test_walk_forward_errors_name_the_parameter(
+    holdout: float | pd.Timedelta, every: pd.Timedelta, warmup: int, horizon: int, embargo: int, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        holdout_split(hourly_index(100), holdout, horizon, embargo)
+        walk_forward_steps(hourly_index(100 * 24), holdout, every, warmup, horizon, embargo)
 
 
 @pytest.mark.fault
-def test_holdout_split_refuses_an_empty_dataset() -> None:
+def test_walk_forward_refuses_an_empty_dataset() -> None:
     with pytest.raises(ValueError, match="no labelled rows"):
-        holdout_split(hourly_index(0), 0.2, horizon=1, embargo=0)
+        walk_forward_steps(hourly_index(0), 0.2, WEEK, 1, horizon=1, embargo=0)
 
 
-# --- walk_forward_splits ----------------------------------------------------------------------
-
-
-@given(
-    n_rows=st.integers(30, 600),
-    n_splits=st.integers(2, 8),
-    horizon=st.integers(1, 6),
-    embargo=st.integers(0, 24),
-)
-def test_walk_forward_folds_are_chronological_and_purged(n_rows: int, n_splits: int, horizon: int, embargo: int) -> None:
-    fold_size = n_rows // (n_splits + 1)
-    if fold_size < 1 or n_rows - n_splits * fold_size - horizon - embargo < 1:
-        with pytest.raises(ValueError, match="cv.n_splits"):
-            walk_forward_splits(n_rows, n_splits, horizon, embargo)
-        return
-    folds = walk_forward_splits(n_rows, n_splits, horizon, embargo)
-    assert len(folds) == n_splits
-    previous_val_end = -1
-    for train, val in folds:
-        np.testing.assert_array_equal(train, np.arange(len(train)))  # expanding window from the start
-        np.testing.assert_array_equal(val, np.arange(val[0], val[0] + len(val)))  # one contiguous block
-        assert len(val) == fold_size
-        assert val[0] > previous_val_end  # validation blocks move forward in time without overlap
-        # No training label reaches into validation, and `embargo` rows separate them.
-        assert val[0] - (train[-1] + horizon) - 1 == embargo
-        previous_val_end = val[-1]
-    assert previous_val_end == n_rows - 1
-
-
-def test_no_training_label_sees_a_validation_price() -> None:
-    """End to end on timestamps: a label's last price is earlier than every validation row."""
+def test_no_training_label_sees_a_predicted_price() -> None:
+    """End to end on timestamps: a step's last training label uses a price earlier than every row it predicts."""
     horizon, embargo, warm_up = 4, 6, 30
-    close = random_walk_close(400)
+    close = random_walk_close(60 * 24)
     features = pd.DataFrame({"close": close}).iloc[warm_up:]
     X, _ = build_dataset(features, close, horizon=horizon, threshold=0.0)
-    split = holdout_split(X.index, 0.25, horizon, embargo)
-    evaluations = [(split.train, split.holdout)]
-    evaluations += walk_forward_splits(len(split.train), 3, horizon, embargo)
-    for train, val in evaluations:
-        last_price_used = close.index.get_loc(X.index[train[-1]]) + horizon
-        first_evaluated = close.index.get_loc(X.index[val[0]])
-        assert first_evaluated - last_price_used > embargo
-
-
-@pytest.mark.fault
-def test_walk_forward_rejects_too_few_rows() -> None:
-    with pytest.raises(ValueError, match=r"cv.n_splits=5 .* label.horizon=1 \+ split.embargo=24"):
-        walk_forward_splits(40, n_splits=5, horizon=1, embargo=24)
-
-
-def test_walk_forward_needs_two_folds() -> None:
-    with pytest.raises(ValueError, match="cv.n_splits must be at least 2"):
-        walk_forward_splits(100, n_splits=1, horizon=1, embargo=0)
+    for step in walk_forward_steps(X.index, 0.3, WEEK, 2, horizon, embargo):
+        last_price_used = close.index.get_loc(X.index[step.train_stop - 1]) + horizon
+        first_predicted = close.index.get_loc(X.index[step.start])
+        assert first_predicted - last_price_used > embargo

@@ -245,8 +245,7 @@ def after_last_candle(csv: Path, days: float = 0.0) -> str:
 
 def model_age_limit_beyond(csv: Path) -> float:
     """A monitor.max_model_age_days under which the model is fresh at after_last_candle(csv)."""
-    data_end = pd.Timestamp(production_metadata()["params"]["data"]["end"])
-    return math.ceil((pd.Timestamp(after_last_candle(csv)) - data_end) / pd.Timedelta(days=1)) + 1
+    return math.ceil((pd.Timestamp(after_last_candle(csv)) - training_end()) / pd.Timedelta(days=1)) + 1
 
 
 def test_the_training_metadata_holds_a_reproducible_reference_of_the_fitted_rows(in_workspace: Path) -> None:
@@ -307,9 +306,11 @@ def test_a_stale_model_is_a_warning_exit_2(in_workspace: Path) -> None:
     result = runner.invoke(app, ["monitor", "--input", str(csv), "--now", now])
     assert result.exit_code == EXIT_CODES["warn"] == 2, result.output
     assert result.stdout.startswith("status: WARN")
-    data_end = production_metadata()["params"]["data"]["end"]
-    age = (pd.Timestamp(now) - pd.Timestamp(data_end)) / pd.Timedelta(days=1)
-    assert f"[   warn] model data ends {pd.Timestamp(data_end).strftime('%Y-%m-%dT%H:%M:%SZ')}, {age:.1f} days ago: > monitor.max_model_age_days 14" in result.stdout
+    # The age counts from the last row the model was fitted on, within label.horizon bars of data.end.
+    data_end = training_end()
+    assert data_end == pd.Timestamp(production_metadata()["params"]["data"]["end"]) - 2 * HOUR
+    age = (pd.Timestamp(now) - data_end) / pd.Timedelta(days=1)
+    assert f"[   warn] model data ends {data_end.strftime('%Y-%m-%dT%H:%M:%SZ')}, {age:.1f} days ago: > monitor.max_model_age_days 14" in result.stdout
     assert "retrain recommended" in result.stdout
 
 
@@ -346,8 +347,10 @@ def test_the_html_report_is_self_contained_with_a_histogram_per_feature(in_works
 @pytest.mark.fault
 @pytest.mark.parametrize("one_short", [True, False], ids=["one row short", "no row after training"])
 def test_too_few_recent_rows_exit_1_saying_how_many_are_needed(in_workspace: Path, one_short: bool) -> None:
-    min_rows = load_params(paths.PARAMS).monitor.min_rows
-    candles = pd.read_parquet(paths.RAW_CANDLES)
+    params = load_params(paths.PARAMS)
+    min_rows = params.monitor.min_rows
+    # The training rows end with data.end: the rows to monitor come from the market's continuation.
+    candles = simulate_candles(params.data.start, params.data.end + pd.Timedelta(days=30), seed=params.data.synthetic.seed)
     recent_rows = min_rows - 1 if one_short else 0
     kept = int((candles["timestamp"] <= training_end()).sum()) + recent_rows
     csv = write_candles_csv(candles.iloc[:kept], in_workspace / "short.csv")
@@ -387,8 +390,7 @@ def test_predict_refuses_a_stale_model_only_when_configured(in_workspace: Path) 
     write_params(in_workspace, {**WORKSPACE_PARAMS, "monitor.max_model_age_days": 14.0, "monitor.refuse_stale_predictions": True})
     refused = runner.invoke(app, ["predict", "--input", str(csv)])
     assert refused.exit_code == 1
-    data_end = production_metadata()["params"]["data"]["end"]
-    assert f"is stale: its data ends {pd.Timestamp(data_end).strftime('%Y-%m-%dT%H:%M:%SZ')}" in refused.output
+    assert f"is stale: its data ends {training_end().strftime('%Y-%m-%dT%H:%M:%SZ')}" in refused.output
     assert "over monitor.max_model_age_days=14" in refused.output
     with pytest.raises(StaleModelError, match=r"days before"):
         run_predict(csv, "1h", paths.PRODUCTION_DIR, now=pd.Timestamp(now), max_model_age_days=14.0)

@@ -13,7 +13,8 @@ from tests.repo import commit_all, make_repo, run, set_params
 
 pytestmark = pytest.mark.e2e
 
-SHORT_WINDOW = {"data.start": "2024-01-01T00:00:00Z", "data.end": "2024-02-01T00:00:00Z"}
+# One month: too short for the default monthly walk-forward steps, so they are made 3 days long.
+SHORT_WINDOW = {"data.start": "2024-01-01T00:00:00Z", "data.end": "2024-02-01T00:00:00Z", "retrain.every": "3D"}
 
 
 @pytest.fixture(scope="module")

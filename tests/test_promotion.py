@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import log_loss, roc_auc_score
 
 from cryptoml import promotion
 from cryptoml.config import LabelParams
@@ -26,8 +27,10 @@ from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.labels import make_labels
 from cryptoml.promotion import (
     METADATA_NAME,
+    ChampionComparison,
     GateParams,
     PromotionError,
+    compare_with_champion,
     decide,
     promote,
     read_production_metadata,
@@ -45,6 +48,11 @@ BASELINES = {"class_prior": {"roc_auc": 0.5, "log_loss": 0.5, "brier": 0.25}}
 CHAMPION = {"roc_auc": 0.6, "log_loss": 0.45}
 
 
+def versus(champion: dict[str, float], challenger: dict[str, float]) -> ChampionComparison:
+    """Challenger and champion scores on the rows both records share."""
+    return ChampionComparison(rows=1000, start="2024-01-01T00:00:00+00:00", end="2024-02-11T15:00:00+00:00", challenger=challenger, champion=champion)
+
+
 def skilled(**overrides: float) -> dict[str, float]:
     """Holdout metrics of a model with modest real skill: a little above chance, a little below the prior's log loss."""
     prior_log_loss = BASELINES["class_prior"]["log_loss"]
@@ -54,7 +62,8 @@ def skilled(**overrides: float) -> dict[str, float]:
 
 
 def failed_names(challenger: dict[str, float], champion: dict[str, float] | None = None, settings: GateParams = DEFAULT) -> list[str]:
-    return [check.name for check in decide(challenger, BASELINES, champion, settings).checks if not check.passed]
+    comparison = None if champion is None else versus(champion, challenger)
+    return [check.name for check in decide(challenger, BASELINES, comparison, settings).checks if not check.passed]
 
 
 def test_a_skilled_challenger_is_promoted_on_the_first_run() -> None:
@@ -92,7 +101,7 @@ def test_the_absolute_limits_are_inclusive_for_roc_auc_and_strict_for_log_loss()
 
 def test_check_messages_state_value_sign_and_limit() -> None:
     decision = decide(skilled(roc_auc=0.51), BASELINES, None, DEFAULT)
-    assert decision.reasons == [f"holdout ROC AUC vs gate.min_roc_auc: 0.5100 < {DEFAULT.min_roc_auc:.4f}"]
+    assert decision.reasons == [f"out-of-sample ROC AUC vs gate.min_roc_auc: 0.5100 < {DEFAULT.min_roc_auc:.4f}"]
 
 
 def test_f1_is_not_part_of_the_default_gate() -> None:
@@ -118,7 +127,8 @@ def test_the_champion_checks_are_inclusive_at_the_tolerances() -> None:
 def test_a_challenger_that_passes_alone_is_rejected_when_clearly_worse_than_the_champion() -> None:
     challenger = skilled()
     assert decide(challenger, BASELINES, None, DEFAULT).promote
-    decision = decide(challenger, BASELINES, {"roc_auc": challenger["roc_auc"] + 0.05, "log_loss": 0.9 * challenger["log_loss"]}, DEFAULT)
+    champion = {"roc_auc": challenger["roc_auc"] + 0.05, "log_loss": 0.9 * challenger["log_loss"]}
+    decision = decide(challenger, BASELINES, versus(champion, challenger), DEFAULT)
     assert not decision.promote
     assert [check.name for check in decision.checks if not check.passed] == ["champion_roc_auc", "champion_log_loss"]
 
@@ -147,17 +157,20 @@ def test_the_decision_record_is_plain_rounded_json() -> None:
         "passed": True,
         "value": 0.571235,
         "limit": settings.min_roc_auc,
-        "message": f"holdout ROC AUC vs gate.min_roc_auc: 0.5712 >= {settings.min_roc_auc:.4f}",
+        "message": f"out-of-sample ROC AUC vs gate.min_roc_auc: 0.5712 >= {settings.min_roc_auc:.4f}",
     }
     assert checks["min_f1"]["passed"] is False
     assert record["reasons"] == [checks["min_f1"]["message"]]
 
 
 def test_a_promoted_record_says_promoted_and_carries_the_champion() -> None:
-    record = decide(skilled(), BASELINES, {"roc_auc": 0.5, "log_loss": 0.5}, DEFAULT, champion_sha256="sha256:" + "b" * 64).as_json()
+    comparison = versus({"roc_auc": 0.5, "log_loss": 0.5}, skilled())
+    record = decide(skilled(), BASELINES, comparison, DEFAULT, champion_sha256="sha256:" + "b" * 64).as_json()
     assert record["decision"] == "promoted"
     assert record["champion_sha256"] == "sha256:" + "b" * 64
     assert [check["name"] for check in record["checks"]][-2:] == ["champion_roc_auc", "champion_log_loss"]
+    assert record["champion_comparison"]["rows"] == 1000
+    assert "on the 1000 rows both predicted out of sample" in record["checks"][-1]["message"]
 
 
 @pytest.mark.parametrize(
@@ -170,7 +183,42 @@ def test_a_promoted_record_says_promoted_and_carries_the_champion() -> None:
 )
 def test_missing_or_nan_metrics_are_errors_not_rejections(challenger: Any, baselines: Any, champion: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        decide(challenger, baselines, champion, DEFAULT)
+        decide(challenger, baselines, None if champion is None else versus(champion, skilled()), DEFAULT)
+
+
+# --- the champion comparison on stored out-of-sample predictions -------------------------------
+
+
+def oos_record(start: str, rows: int, seed: int) -> pd.DataFrame:
+    timestamps = pd.date_range(start, periods=rows, freq="h", tz="UTC")
+    return pd.DataFrame({"timestamp": timestamps, "p_up": np.random.default_rng(seed).random(rows)})
+
+
+def test_the_champion_is_compared_only_on_rows_both_predicted_out_of_sample() -> None:
+    """The champion's record ends where its training rows go on: the challenger's later rows are never scored for it."""
+    labels = pd.Series(np.random.default_rng(0).integers(0, 2, 3000), index=pd.date_range("2024-01-01", periods=3000, freq="h", tz="UTC"))
+    champion = oos_record("2024-01-01", 1500, seed=1)  # its production fit then saw every row up to 2024-03-04
+    challenger = oos_record("2024-01-21", 2000, seed=2)
+    comparison, note = compare_with_champion(challenger, champion, labels, min_shared_rows=500)
+    assert note is None and comparison is not None
+    shared = pd.date_range(pd.Timestamp("2024-01-21", tz="UTC"), champion["timestamp"].iloc[-1], freq="h")
+    assert (comparison.rows, comparison.start, comparison.end) == (len(shared), shared[0].isoformat(), shared[-1].isoformat())
+    for name, record in (("challenger", challenger), ("champion", champion)):
+        p_up = record.set_index("timestamp")["p_up"].loc[shared]
+        expected = round(roc_auc_score(labels.loc[shared], p_up), 6)
+        assert getattr(comparison, name)["roc_auc"] == expected, name
+        assert getattr(comparison, name)["log_loss"] == round(log_loss(labels.loc[shared], p_up), 6), name
+
+
+def test_identical_predictions_compare_equal_and_too_few_shared_rows_skip_the_comparison() -> None:
+    labels = pd.Series(np.random.default_rng(0).integers(0, 2, 1000), index=pd.date_range("2024-01-01", periods=1000, freq="h", tz="UTC"))
+    record = oos_record("2024-01-01", 1000, seed=1)
+    comparison, _ = compare_with_champion(record, record.copy(), labels, min_shared_rows=500)
+    assert comparison is not None and comparison.challenger == comparison.champion
+    assert decide(skilled(), BASELINES, comparison, DEFAULT).promote
+    comparison, note = compare_with_champion(record.iloc[600:], record, labels, min_shared_rows=500)
+    assert comparison is None
+    assert note == "the champion's stored out-of-sample predictions share 400 labelled row(s) with the challenger's, fewer than gate.champion_min_shared_rows=500"
 
 
 def markov_labels(n_rows: int = 5000, up_after_up: float = 0.45, up_after_other: float = 0.2, seed: int = 0) -> np.ndarray:

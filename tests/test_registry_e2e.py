@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -157,6 +158,9 @@ def test_info_shows_v2_and_v1_as_its_previous_version(story: Story) -> None:
     assert shown["model sha256"] == story.v2.model_hash != story.v1.model_hash
     previous = {"git_commit": story.v1.production["git_commit"], "model_hash": story.v1.model_hash}
     assert shown["previous version"] == str(previous)
+    # Fresh: the training window ends at the last labelled candle, label.horizon (1) bar before the last candle.
+    data_end = pd.Timestamp(yaml.safe_load((story.repo / "params.yaml").read_text())["data"]["end"])
+    assert shown["training window"].endswith(f".. {(data_end - pd.Timedelta(hours=2)).isoformat()}")
 
 
 def test_rollback_target_from_info_names_the_commit_that_recorded_it(story: Story) -> None:
@@ -171,9 +175,9 @@ def test_metrics_and_params_diff_between_versions_are_markdown_tables(story: Sto
     metrics = markdown_rows(run(["dvc", "metrics", "diff", v1, v2, "--all", "--md"], story.repo).stdout)
     by_metric = {(row["Path"], row["Metric"]): row for row in metrics}
     for metric in ("roc_auc", "log_loss", "brier"):
-        row = by_metric[(EVALUATION.as_posix(), f"ensemble.{metric}")]
-        assert float(row[v1]) == pytest.approx(git_json(story.repo, v1, EVALUATION)["ensemble"][metric], rel=1e-4)
-        assert float(row[v2]) == pytest.approx(git_json(story.repo, v2, EVALUATION)["ensemble"][metric], rel=1e-4)
+        row = by_metric[(EVALUATION.as_posix(), f"policy.{metric}")]
+        assert float(row[v1]) == pytest.approx(git_json(story.repo, v1, EVALUATION)["policy"][metric], rel=1e-4)
+        assert float(row[v2]) == pytest.approx(git_json(story.repo, v2, EVALUATION)["policy"][metric], rel=1e-4)
     params = markdown_rows(run(["dvc", "params", "diff", v1, v2, "--md"], story.repo).stdout)
     v1_seed = yaml.safe_load(story.v1.versioned["params.yaml"])["model"]["random_state"]
     assert params == [{"Path": "params.yaml", "Param": "model.random_state", v1: str(v1_seed), v2: str(v1_seed + 1)}]
@@ -204,10 +208,10 @@ def test_experiment_runs_beside_the_workspace(story: Story) -> None:
     workspace_weight = yaml.safe_load(story.v2.versioned["params.yaml"])["model"]["weights"]["lightgbm"]
     assert experiment["model.weights.lightgbm"] == str(EXPERIMENT_LIGHTGBM_WEIGHT) != str(workspace_weight)
     assert workspace["model.weights.lightgbm"] == str(workspace_weight)
-    experiment_auc = git_json(story.repo, experiment_rev, EVALUATION)["ensemble"]["roc_auc"]
-    workspace_auc = read_json(story.repo / EVALUATION)["ensemble"]["roc_auc"]
-    assert float(experiment["ensemble.roc_auc"]) == pytest.approx(experiment_auc, rel=1e-4)  # shown to 5 digits
-    assert float(workspace["ensemble.roc_auc"]) == pytest.approx(workspace_auc, rel=1e-4)
+    experiment_auc = git_json(story.repo, experiment_rev, EVALUATION)["policy"]["roc_auc"]
+    workspace_auc = read_json(story.repo / EVALUATION)["policy"]["roc_auc"]
+    assert float(experiment["policy.roc_auc"]) == pytest.approx(experiment_auc, rel=1e-4)  # shown to 5 digits
+    assert float(workspace["policy.roc_auc"]) == pytest.approx(workspace_auc, rel=1e-4)
 
 
 @pytest.mark.fault

@@ -80,9 +80,14 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
 
 
 def cached_outputs(repo: Path) -> dict[str, str]:
-    """Path -> md5 of every output dvc.yaml lists under `outs:` (metrics and plots are `cache: false`)."""
+    """Path -> md5 of every cached output dvc.yaml lists under `outs:` (metrics and plots are `cache: false`)."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values()
-    paths = {out if isinstance(out, str) else next(iter(out)) for stage in stages for out in stage.get("outs", [])}
+    paths = {
+        out if isinstance(out, str) else next(iter(out))
+        for stage in stages
+        for out in stage.get("outs", [])
+        if isinstance(out, str) or next(iter(out.values())).get("cache", True)
+    }
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"].values()
     return {out["path"]: out["md5"] for stage in lock for out in stage.get("outs", []) if out["path"] in paths}
 

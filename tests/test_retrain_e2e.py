@@ -87,12 +87,12 @@ def test_parse_until_reads_utc_and_refuses_the_future_and_garbage() -> None:
 
 
 def test_headline_table_compares_the_base_model_with_this_one() -> None:
-    base = {"ensemble": {"roc_auc": 0.55}, "backtest": {"strategy": {"sharpe": 1.0}}}
-    table = headline_table(base, {"ensemble": {"roc_auc": 0.5625}, "backtest": {"strategy": {"sharpe": 0.5}}}, "main")
-    assert table.splitlines()[0] == "| holdout metric | `main` | this branch | change |"
-    assert "| ensemble.roc_auc | 0.5500 | 0.5625 | +0.0125 |" in table
+    base = {"policy": {"roc_auc": 0.55}, "backtest": {"policy": {"sharpe": 1.0}}}
+    table = headline_table(base, {"policy": {"roc_auc": 0.5625}, "backtest": {"policy": {"sharpe": 0.5}}}, "main")
+    assert table.splitlines()[0] == "| out-of-sample metric | `main` | this branch | change |"
+    assert "| policy.roc_auc | 0.5500 | 0.5625 | +0.0125 |" in table
     assert "| backtest.strategy.sharpe | 1.0000 | 0.5000 | -0.5000 |" in table
-    assert "| ensemble.brier | - | - | - |" in table
+    assert "| policy.brier | - | - | - |" in table
 
 
 def test_pull_request_body_fits_github_by_dropping_the_full_metric_table() -> None:
@@ -253,7 +253,7 @@ def test_pull_request_body_shows_window_gate_and_diffs_against_main(workspace: W
     assert all(f"- {reason}" in body for reason in decision["reasons"])
     evaluation = json.loads((workspace.repo / "metrics/evaluate.json").read_text())
     headline = body.split("### Holdout metrics against `main`")[1].split("<details>")[0]
-    assert f"| ensemble.roc_auc | - | {evaluation['ensemble']['roc_auc']:.4f} | - |" in headline  # main had no model
+    assert f"| policy.roc_auc | - | {evaluation['policy']['roc_auc']:.4f} | - |" in headline  # main had no model
     every_metric = body.split("<details>")[1].split("</details>")[0]
     assert "| metrics/evaluate.json" in every_metric and "| metrics/train.json" in every_metric
     params_section = body.split("### Params against `main`")[1].split("###")[0]

@@ -29,7 +29,7 @@ from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.features import FEATURE_NAMES, LIVE_WINDOW, FeatureManager
 from cryptoml.labels import build_dataset
 from cryptoml.onnx_export import export_onnx
-from cryptoml.pipeline import read_training_inputs, run_features
+from cryptoml.pipeline import production_metadata, run_evaluate, run_features, run_promote, run_train
 from cryptoml.predict import run_predict
 from cryptoml.promotion import METADATA_NAME, promote
 from cryptoml.serving import BACKEND_ENV, PARITY_TOLERANCE, OnnxGraph, ParityError, ServingModel, pack_graph
@@ -361,9 +361,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data = params.data
         write_parquet(simulate_candles(data.start, data.end, data.timeframe, data.synthetic.seed), paths.RAW_CANDLES)
         run_features()
-        features, close = read_training_inputs()
-        X, y = build_dataset(features, close, params.label.horizon, params.label.threshold)
-        ProductionEnsemble(model_params=PARAMS).fit(X, y).save(paths.TRAINING_DIR, parity_rows=features)
+        run_train(params)
         promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, {"source": "test"})
     return root
 
@@ -434,7 +432,7 @@ def test_predict_with_too_few_candles_says_how_many_it_needs(in_workspace: Path)
 
 @pytest.mark.fault
 def test_a_parity_failure_at_promotion_leaves_production_untouched(in_workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The promote stage checks the challenger's graph on the holdout first: a wrong graph ends it with one clear error."""
+    """The promote stage checks the challenger's graph on the evaluation span first: a wrong graph ends it with one clear error."""
     before = {path.name: path.read_bytes() for path in paths.PRODUCTION_DIR.iterdir()}
     assert METADATA_NAME in before
     real = OnnxGraph.up_probability
@@ -445,3 +443,31 @@ def test_a_parity_failure_at_promotion_leaves_production_untouched(in_workspace:
     assert re.search(message, result.output)
     assert {path.name: path.read_bytes() for path in paths.PRODUCTION_DIR.iterdir()} == before
     assert not paths.PROMOTION_METRICS.exists()
+
+
+def test_promote_judges_the_champion_by_its_stored_predictions_without_loading_it(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The champion was fitted on most rows of the challenger's span: it is never asked to predict them."""
+    copy = Path(shutil.copytree(workspace, tmp_path / "workspace"))
+    monkeypatch.chdir(copy)
+    write_params(copy, {**FAST_TRAINING, "gate.champion_min_shared_rows": 100})  # its span is 18 days
+    params = load_params(paths.PARAMS)
+    run_evaluate(params)
+    promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(None, json.loads(paths.EVALUATE_METRICS.read_text())["policy"]))
+    loaded: list[Path] = []
+    real_load = ProductionEnsemble.load.__func__
+
+    def recording_load(cls: type[ProductionEnsemble], path: Path | None = None, backend: str | None = None) -> ProductionEnsemble:
+        loaded.append(Path(path))
+        return real_load(cls, path, backend)
+
+    monkeypatch.setattr(ProductionEnsemble, "load", classmethod(recording_load))
+    decision = run_promote(params)
+    assert loaded == [paths.TRAINING_DIR]
+    assert decision.champion_comparison is not None, decision.champion_note
+    comparison = decision.champion_comparison
+    # The champion is the same model: its stored record is the challenger's, row for row.
+    evaluated_rows = json.loads(paths.EVALUATE_METRICS.read_text())["span"]["rows"]
+    assert comparison is not None and comparison.rows > evaluated_rows
+    assert comparison.challenger == comparison.champion

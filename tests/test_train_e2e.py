@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from cryptoml.ensemble import ArtifactError, ProductionEnsemble
@@ -12,11 +13,12 @@ from tests.repo import commit_all, make_repo, run
 
 pytestmark = pytest.mark.e2e
 
-# Small but real: three months of hourly candles and small forests keep each run to a few seconds.
+# Small but real: three months of hourly candles, weekly walk-forward steps over the last 20% (18 days) and small
+# forests keep each run to a few seconds.
 FAST_TRAINING = {
     "data.start": "2024-01-01T00:00:00Z",
     "data.end": "2024-04-01T00:00:00Z",
-    "cv.n_splits": 3,
+    "retrain.every": "7D",
     "model.lightgbm.n_estimators": 20,
     "model.xgboost.n_estimators": 20,
     "model.random_forest.n_estimators": 20,
@@ -45,10 +47,19 @@ def test_metadata_ties_the_model_to_its_commit_and_hash(trained_repo: Path) -> N
     assert metadata["version_control"]["git_commit"] == pipeline_commit
     model = ProductionEnsemble.load(trained_repo / "models/training")
     assert metadata["version_control"]["model_hash"] == model.get_model_info()["model_sha256"]
-    assert metadata["training_info"]["data_end"] < metadata["training_info"]["holdout_start"]
     train_metrics = json.loads((trained_repo / "metrics/train.json").read_text())
-    assert 0.0 < train_metrics["decision_threshold"] < 1.0
-    assert set(train_metrics["cv"]) == {"ensemble", "lightgbm", "xgboost", "random_forest"}
+    assert 0.0 < train_metrics["decision_threshold"] == model.decision_threshold < 1.0
+    assert train_metrics["samples"]["train"] == metadata["training_info"]["samples_count"]
+
+
+def test_the_production_model_is_trained_up_to_data_end(trained_repo: Path) -> None:
+    """Fresh: its last training row lies within label.horizon bars of data.end (only unlabelled candles are left out)."""
+    info = json.loads((trained_repo / "models/training/training_metadata.json").read_text())["training_info"]
+    data_end, horizon = pd.Timestamp(FAST_TRAINING["data.end"]), info["label"]["horizon"]
+    last_candle = data_end - pd.Timedelta(hours=1)
+    assert pd.Timestamp(info["data_end"]) == last_candle - horizon * pd.Timedelta(hours=1)
+    assert data_end - pd.Timestamp(info["data_end"]) <= (horizon + 1) * pd.Timedelta(hours=1)
+    assert info["evaluation_start"] < info["evaluation_end"] == info["data_end"]
 
 
 @pytest.mark.fault

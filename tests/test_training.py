@@ -1,4 +1,4 @@
-"""Threshold rule, cross-validation, the final fit and the metrics/metadata they produce."""
+"""Threshold rule, the walk-forward replay of the retrain policy, the production fit and their metrics/metadata."""
 
 from __future__ import annotations
 
@@ -11,39 +11,48 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import matthews_corrcoef
+from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
-from cryptoml.features import FEATURE_NAMES
-from cryptoml.labels import build_dataset, walk_forward_splits
+from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.executor import ExecutorSettings
+from cryptoml.features import FEATURE_NAMES, FeatureManager
+from cryptoml.labels import Step, build_dataset, walk_forward_steps
+from cryptoml.synthetic import simulate_candles
 from cryptoml.training import (
     ENSEMBLE,
+    OOS_COLUMNS,
     THRESHOLD_QUANTILES,
+    FitResult,
+    FitSettings,
     TrainingResult,
     TrainingSettings,
+    build_train_metrics,
     build_training_metadata,
     choose_threshold,
-    cross_validate,
     mcc_at_thresholds,
+    out_of_sample_record,
+    record_from_csv,
+    record_to_csv,
     run_training,
     score,
-    train_final,
 )
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in ("lightgbm", "xgboost", "random_forest")}
 SEED = 3
 
 
+LOCAL = ExecutorSettings(kind="local", workers=1)
+
+
 def settings(**overrides: Any) -> TrainingSettings:
     values: dict[str, Any] = {
         "horizon": 1,
         "threshold": 0.003,
-        "holdout": 0.2,
+        "holdout": 0.35,
         "embargo": 5,
-        "n_splits": 3,
-        "weights": None,
-        "model_params": SMALL_MODELS,
-        "random_state": SEED,
-        "n_jobs": 1,
+        "every": pd.Timedelta("7D"),
+        "warmup_steps": 1,
+        "fit": FitSettings(weights=None, model_params=SMALL_MODELS, random_state=SEED, n_jobs=1),
     }
     return TrainingSettings(**(values | overrides))
 
@@ -77,7 +86,7 @@ def float_leaves(tree: Any) -> Iterator[float]:
 @pytest.fixture(scope="module")
 def trained() -> TrainingResult:
     features, close = learnable_candles(1500)
-    return run_training(features, close, settings())
+    return run_training(features, close, settings(), LOCAL)
 
 
 # --- threshold rule and scores ------------------------------------------------------------------
@@ -132,71 +141,144 @@ def test_score_on_a_hand_computed_example() -> None:
     )
 
 
-# --- cross_validate / train_final ---------------------------------------------------------------
+# --- the walk-forward replay of the retrain policy ----------------------------------------------
 
 
-def test_cross_validate_scores_every_model_per_fold() -> None:
-    X, y = build_dataset(*learnable_candles(1200), horizon=1, threshold=0.003)
-    folds = walk_forward_splits(len(X), n_splits=3, horizon=1, embargo=5)
-    cv = cross_validate(X, y, folds, weights=None, model_params=SMALL_MODELS, random_state=SEED, n_jobs=1)
-
-    assert set(cv.scores) == {"lightgbm", "xgboost", "random_forest", ENSEMBLE}
-    assert all(len(values) == len(folds) for per_metric in cv.scores.values() for values in per_metric.values())
-    np.testing.assert_array_equal(cv.oof_labels, np.concatenate([y.iloc[val].to_numpy() for _, val in folds]))
-    assert cv.decision_threshold == choose_threshold(cv.oof_labels, cv.oof_proba[ENSEMBLE])
-    assert cv.mean_scores()["roc_auc"] > 0.7, "the leaked next return should be learnable out of sample"
-    assert cv.mean_scores()["mcc"] > 0.2
+def real_candles() -> pd.DataFrame:
+    """Seven weeks of synthetic hourly candles, from which FeatureManager makes the features."""
+    return simulate_candles(pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-02-19", tz="UTC"), seed=SEED)
 
 
-def test_cross_validate_names_a_fold_with_one_class() -> None:
-    features, _ = learnable_candles(400)
-    y = pd.Series(0, index=features.index)
-    y.iloc[:50] = 1  # only the first fold's training rows see an up-move
-    folds = walk_forward_splits(len(features), n_splits=3, horizon=1, embargo=0)
-    with pytest.raises(ValueError, match=r"CV fold 1 validation rows .* all have label 0"):
-        cross_validate(features, y, folds, weights=None, model_params=SMALL_MODELS, random_state=SEED, n_jobs=1)
+def train_on(candles: pd.DataFrame, **overrides: Any) -> TrainingResult:
+    features = FeatureManager().generate_features(candles)
+    return run_training(features, candles.set_index("timestamp")["close"], settings(**overrides), LOCAL)
 
 
-def test_cross_validate_needs_folds() -> None:
-    X, y = build_dataset(*learnable_candles(200), horizon=1, threshold=0.003)
-    with pytest.raises(ValueError, match="at least one"):
-        cross_validate(X, y, [], weights=None, model_params=SMALL_MODELS, random_state=SEED, n_jobs=1)
-
-
-def test_final_model_uses_the_cv_threshold_and_only_training_rows(trained: TrainingResult, tmp_path: Path) -> None:
+def test_production_is_fitted_on_every_labelled_row(trained: TrainingResult, tmp_path: Path) -> None:
     cfg = trained.settings
-    assert trained.ensemble.decision_threshold == trained.decision_threshold
     X, y = build_dataset(*learnable_candles(1500), cfg.horizon, cfg.threshold)
-    refit = train_final(
-        X.iloc[trained.split.train],
-        y.iloc[trained.split.train],
+    # Only the last `horizon` candles, which have no label yet, are left out.
+    assert trained.train_index.equals(X.index)
+    assert trained.train_index[-1] == learnable_candles(1500)[1].index[-1 - cfg.horizon]
+    refit = ProductionEnsemble(
+        model_params=cfg.fit.model_params, random_state=cfg.fit.random_state, n_jobs=cfg.fit.n_jobs,
         decision_threshold=trained.decision_threshold,
-        weights=cfg.weights,
-        model_params=cfg.model_params,
-        random_state=cfg.random_state,
-        n_jobs=cfg.n_jobs,
-    )
+    ).fit(X, y)
     assert refit.save(tmp_path / "refit") == trained.ensemble.save(tmp_path / "trained")
+
+
+def test_the_record_holds_every_step_prediction_out_of_sample(trained: TrainingResult) -> None:
+    record, steps = trained.record, trained.steps
+    assert list(record.columns) == list(OOS_COLUMNS)
+    assert len(record) == sum(step.stop - step.start for step in steps)
+    assert record["timestamp"].is_monotonic_increasing
+    assert record.loc[~record["scored"], "threshold"].isna().all()
+    assert record.loc[record["scored"], "threshold"].between(0.0, 1.0).all()
+    frozen_step = next(step for step in steps if step.scored)
+    in_frozen_step = record["step"] == frozen_step.number
+    # The frozen model is the first scored step's: the same P(up) there, then its own on every later row.
+    np.testing.assert_array_equal(record.loc[in_frozen_step, "frozen_p_up"], record.loc[in_frozen_step, "p_up"])
+    assert record.loc[record["scored"], "frozen_p_up"].notna().all()
+    assert record.loc[~record["scored"], "frozen_p_up"].isna().all()
+    X, y = build_dataset(*learnable_candles(1500), 1, 0.003)
+    scored = record[record["scored"]]
+    assert roc_auc_score(y.loc[scored["timestamp"]], scored["p_up"]) > 0.7, "the leaked next return should be learnable"
+    for step in steps:
+        rows = record[record["step"] == step.number]
+        assert rows["timestamp"].iloc[0] == X.index[step.start]
+        assert rows["prior"].iloc[0] == pytest.approx(y.iloc[: step.train_stop].mean())
+
+
+def test_a_record_reads_back_exactly(trained: TrainingResult) -> None:
+    back = record_from_csv(record_to_csv(trained.record), "test")
+    pd.testing.assert_frame_equal(back, trained.record, check_exact=True)
+
+
+@pytest.mark.fault
+def test_an_unreadable_record_names_its_file() -> None:
+    with pytest.raises(ValueError, match=r"models/x.csv: not an out-of-sample record .* missing columns \['step'"):
+        record_from_csv(b"timestamp,p_up\n2024-01-01T00:00:00+00:00,0.5\n", "models/x.csv")
+
+
+def test_altered_candles_from_a_step_on_change_neither_its_model_nor_earlier_predictions() -> None:
+    """No lookahead: the model of step k and every prediction before step k see no candle at or after step k's start."""
+    candles = real_candles()
+    before = train_on(candles)
+    step = before.steps[-2]
+    start = before.train_index[step.start]
+    altered = candles.copy()
+    later = altered["timestamp"] >= start
+    altered.loc[later, ["open", "high", "low", "close"]] *= 1.07
+    altered.loc[later, "volume"] *= 3.0
+    after = train_on(altered)
+    assert [s.number for s in after.steps] == [s.number for s in before.steps]
+    assert after.step_fingerprints[: step.number] == before.step_fingerprints[: step.number]
+    earlier = before.record["timestamp"] < start
+    pd.testing.assert_frame_equal(after.record[earlier], before.record[earlier], check_exact=True)
+    in_step = before.record["step"] == step.number
+    assert after.record.loc[in_step, "threshold"].iloc[0] == before.record.loc[in_step, "threshold"].iloc[0]
+    # The alteration did reach the later rows: the test can tell.
+    assert after.record.loc[in_step, "p_up"].to_numpy().tolist() != before.record.loc[in_step, "p_up"].to_numpy().tolist()
+    assert after.step_fingerprints[-1] != before.step_fingerprints[-1]
+
+
+def random_results(steps: list[Step], seed: int = SEED) -> list[FitResult]:
+    """What the fits of `steps` return, with random P(up); the first scored step predicts through the last row (frozen)."""
+    rng = np.random.default_rng(seed)
+    frozen = next(step for step in steps if step.scored)
+    return [
+        FitResult(
+            proba={
+                name: rng.random((steps[-1].stop if step is frozen else step.stop) - step.start)
+                for name in (ENSEMBLE, "lightgbm", "xgboost", "random_forest")
+            },
+            fingerprint="",
+            model=None,
+        )
+        for step in steps
+    ]
+
+
+def test_a_step_threshold_ignores_the_step_labels_and_those_not_yet_known() -> None:
+    index = pd.date_range("2024-01-01", periods=60 * 24, freq="h", tz="UTC")
+    steps = walk_forward_steps(index, 0.4, pd.Timedelta("7D"), 2, horizon=3, embargo=0)
+    results = random_results(steps)
+    y = np.random.default_rng(1).integers(0, 2, len(index))
+    threshold = out_of_sample_record(index, y, steps, results, horizon=3).groupby("step")["threshold"].first()
+    step = steps[-2]
+    changed = y.copy()
+    # The step's own labels and the 3 before it (their horizon reaches into the step): unknown when it starts.
+    changed[step.start - 3 : step.stop] = 1 - changed[step.start - 3 : step.stop]
+    again = out_of_sample_record(index, changed, steps, results, horizon=3).groupby("step")["threshold"].first()
+    assert again[step.number] == threshold[step.number]
+    assert again[steps[-1].number] != threshold[steps[-1].number], "a later step sees those labels: the test can tell"
 
 
 # --- run_training -------------------------------------------------------------------------------
 
 
 def test_run_training_reports_consistent_samples(trained: TrainingResult) -> None:
-    samples = trained.metrics["samples"]
-    cfg = trained.settings
-    assert samples["purged"] == cfg.horizon + cfg.embargo
-    assert samples["train"] + samples["purged"] + samples["holdout"] == samples["labelled"]
-    assert samples["cv_folds"] == cfg.n_splits
-    assert trained.metrics["decision_threshold"] == trained.decision_threshold
-    assert trained.metrics["cv"][ENSEMBLE]["roc_auc"]["mean"] > 0.7
+    metrics = build_train_metrics(trained)
+    samples, walk = metrics["samples"], metrics["walk_forward"]
+    assert samples["train"] == samples["labelled"] == len(trained.train_index)
+    assert samples["out_of_sample"] == len(trained.record)
+    assert samples["evaluation_span"] == int(trained.record["scored"].sum())
+    assert walk["steps"] == len(trained.steps)
+    assert walk["every"] == "7D"
+    assert walk["warmup_steps"] == trained.settings.warmup_steps
+    assert metrics["decision_threshold"] == trained.decision_threshold
+    positions = trained.train_index.get_indexer(trained.record["timestamp"])
+    _, y = build_dataset(*learnable_candles(1500), 1, 0.003)
+    assert trained.decision_threshold == choose_threshold(y.to_numpy()[positions], trained.record["p_up"].to_numpy())
     assert trained.feature_names == FEATURE_NAMES
 
 
-def test_run_training_is_deterministic(trained: TrainingResult, tmp_path: Path) -> None:
+def test_run_training_is_deterministic_and_the_same_on_two_local_workers(trained: TrainingResult, tmp_path: Path) -> None:
     features, close = learnable_candles(1500)
-    again = run_training(features, close, settings())
-    assert json.dumps(again.metrics, sort_keys=True) == json.dumps(trained.metrics, sort_keys=True)
+    again = run_training(features, close, settings(), ExecutorSettings(kind="local", workers=2))
+    assert json.dumps(build_train_metrics(again), sort_keys=True) == json.dumps(build_train_metrics(trained), sort_keys=True)
+    assert again.step_fingerprints == trained.step_fingerprints
+    pd.testing.assert_frame_equal(again.record, trained.record, check_exact=True)
     assert again.ensemble.save(tmp_path / "again") == trained.ensemble.save(tmp_path / "first")
     saved = sorted(path.name for path in (tmp_path / "first").iterdir())
     assert saved == sorted(path.name for path in (tmp_path / "again").iterdir())
@@ -204,10 +286,18 @@ def test_run_training_is_deterministic(trained: TrainingResult, tmp_path: Path) 
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name
 
 
+@pytest.mark.fault
+def test_a_step_whose_training_rows_have_one_class_is_named() -> None:
+    features, close = learnable_candles(1500)
+    flat = pd.Series(1e7, index=close.index)  # never moves: every label is 0
+    with pytest.raises(ValueError, match=r"the training rows of walk-forward step 1 \(\d+ rows\) all have label 0"):
+        run_training(features, flat, settings(), LOCAL)
+
+
 def test_train_metrics_are_json_with_rounded_floats(trained: TrainingResult) -> None:
-    text = json.dumps(trained.metrics, allow_nan=False)
+    text = json.dumps(build_train_metrics(trained), allow_nan=False)
     floats = list(float_leaves(json.loads(text)))
-    assert floats, "metrics should contain scores"
+    assert floats, "metrics should contain figures"
     assert all(value == round(value, 6) for value in floats)
 
 
@@ -233,9 +323,14 @@ def test_training_metadata_carries_the_passed_facts(trained: TrainingResult) -> 
         "model_hash": "sha256:" + "0" * 64,
         "previous_version": None,
     }
-    assert metadata["training_info"]["last_retrain"] == "2024-06-01T00:00:00+00:00"
-    assert metadata["training_info"]["samples_count"] == trained.metrics["samples"]["train"]
-    assert metadata["training_info"]["data_end"] == trained.split.train_end_time.isoformat()
-    assert metadata["performance_metrics"]["roc_auc"] == trained.metrics["cv"][ENSEMBLE]["roc_auc"]["mean"]
+    info = metadata["training_info"]
+    assert info["last_retrain"] == "2024-06-01T00:00:00+00:00"
+    assert info["samples_count"] == len(trained.train_index)
+    assert info["data_end"] == trained.train_index[-1].isoformat()
+    scored = trained.record[trained.record["scored"]]
+    assert (info["evaluation_start"], info["evaluation_end"]) == (scored["timestamp"].iloc[0].isoformat(), info["data_end"])
+    steps = metadata["walk_forward"]["steps"]
+    assert [step["model_fingerprint"] for step in steps] == trained.step_fingerprints
+    assert all(step["train_end"] < step["start"] for step in steps)
     assert sum(metadata["model_weights"].values()) == pytest.approx(1.0)
     assert metadata["params"]["model"]["lightgbm"]["extra_trees"] is True  # a bool is not turned into 1

@@ -10,9 +10,11 @@ file the old manifest lists, and only the atomic swap of the manifest switches a
 model to the other (see cryptoml.promotion). The manifest may name only these exact names, so it
 cannot point outside its directory. Every file's size and sha256 are checked before it is parsed.
 
-Formats: "cryptoml-ensemble/3" (written) lists the three model files and the ONNX graph;
-"cryptoml-ensemble/2" (before the graph) lists the three model files and still loads, natively, so
-older production models can be rolled back to.
+Formats: "cryptoml-ensemble/4" (written) lists the three model files, the ONNX graph and, for a model
+made by the pipeline, the out-of-sample record of the retrain policy that made it (CSV: the
+predictions the promotion gate compares with the next challenger's, so they are hashed with the
+model); "cryptoml-ensemble/3" has no record, and "cryptoml-ensemble/2" no graph either (it loads
+natively). Both still load, so older production models can be rolled back to.
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_h
 MODEL_NAMES: tuple[str, ...] = ("lightgbm", "xgboost", "random_forest")
 
 MANIFEST_NAME = "ensemble.json"
-MANIFEST_FORMAT = "cryptoml-ensemble/3"
+MANIFEST_FORMAT = "cryptoml-ensemble/4"
 ONNX_GRAPH = "onnx"  # the manifest's key for the graph file, beside the model names
-# The files each readable format lists, by key: exactly these, no more, no fewer.
+OOS_PREDICTIONS = "oos_predictions"  # the key of the out-of-sample record
+# The files each readable format lists, by key: exactly the required ones, plus any of the optional ones.
 _FORMAT_FILES: dict[str, tuple[str, ...]] = {
     "cryptoml-ensemble/2": MODEL_NAMES,
+    "cryptoml-ensemble/3": (*MODEL_NAMES, ONNX_GRAPH),
     MANIFEST_FORMAT: (*MODEL_NAMES, ONNX_GRAPH),
 }
-COMPONENT_SUFFIXES: dict[str, str] = {"lightgbm": ".txt", "xgboost": ".ubj", "random_forest": ".skops", ONNX_GRAPH: ".onnx.gz"}
+_OPTIONAL_FILES: dict[str, tuple[str, ...]] = {MANIFEST_FORMAT: (OOS_PREDICTIONS,)}
+COMPONENT_SUFFIXES: dict[str, str] = {
+    "lightgbm": ".txt", "xgboost": ".ubj", "random_forest": ".skops", ONNX_GRAPH: ".onnx.gz", OOS_PREDICTIONS: ".csv",
+}
 # Hex digits of a file's sha256 in its name: 64 bits make two different files of one model sharing a
 # name practically impossible, and load would still refuse such a file, since it checks the full sha256.
 _NAME_DIGEST_LENGTH = 16
@@ -251,9 +258,11 @@ def _parse_manifest(text: bytes, path: Path) -> Manifest:
     except ValueError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
     expected_files = _FORMAT_FILES[manifest.format]
-    if set(manifest.model.files) != set(expected_files):
+    optional = _OPTIONAL_FILES.get(manifest.format, ())
+    if not set(expected_files) <= set(manifest.model.files) <= {*expected_files, *optional}:
         raise ArtifactError(
-            f"{path}: lists files of {sorted(manifest.model.files)}, expected exactly {list(expected_files)} ({manifest.format})"
+            f"{path}: lists files of {sorted(manifest.model.files)}, expected exactly {list(expected_files)}"
+            f"{f' and optionally {list(optional)}' if optional else ''} ({manifest.format})"
         )
     for model_name, entry in manifest.model.files.items():
         expected = _component_file_name(model_name, entry.sha256)
@@ -344,6 +353,12 @@ def read_artifacts(directory: Path) -> ModelArtifacts:
     text, manifest, payloads = read_model(Path(directory))
     files = {entry.name: payloads[key] for key, entry in manifest.model.files.items()}
     return ModelArtifacts(manifest=text, model_sha256=manifest.model_sha256, files=files)
+
+
+def read_oos_predictions(directory: Path) -> bytes | None:
+    """The verified out-of-sample record stored with the model in `directory`; None for a model saved without one."""
+    _, _, payloads = read_model(Path(directory), keep={OOS_PREDICTIONS})
+    return payloads.get(OOS_PREDICTIONS)
 
 
 def listed_component_files(directory: Path) -> frozenset[str]:

@@ -108,7 +108,7 @@ def promote(
 @app.command()
 @_command
 def info(as_json: JsonOption = False) -> None:
-    """Show the production model: hashes, provenance, weights, threshold, holdout metrics."""
+    """Show the production model: hashes, provenance, training window, weights, threshold, out-of-sample metrics."""
     from cryptoml.ensemble import ProductionEnsemble
     from cryptoml.io import dump_json
     from cryptoml.promotion import read_production_metadata
@@ -126,11 +126,11 @@ def info(as_json: JsonOption = False) -> None:
         "previous version": version.get("previous_version"),
         "created at": metadata.get("created_at"),
         "training window": f"{window.get('data_start')} .. {window.get('data_end')}",
-        "holdout window": f"{window.get('holdout_start')} .. {window.get('holdout_end')}",
+        "evaluation span": f"{window.get('evaluation_start')} .. {window.get('evaluation_end')}",
         "weights": model.get_model_info()["weights"],
         "decision threshold": model.decision_threshold,
         "feature spec": model.get_model_info()["feature_spec_hash"],
-        **{f"holdout {k}": v for k, v in metadata.get("performance_metrics", {}).items()},
+        **{f"out-of-sample {k}": v for k, v in metadata.get("performance_metrics", {}).items()},
     }
     for key, value in rows.items():
         typer.echo(f"{key:>22}: {value}")

@@ -97,13 +97,8 @@ class SplitParams(_Section):
     @classmethod
     def _holdout(cls, value: float | str) -> float | str:
         if isinstance(value, str):
-            try:
-                duration = pd.Timedelta(value)
-            except ValueError as exc:
-                raise ValueError(f"expected a fraction in (0, 1) or a duration like '90D', got {value!r}") from exc
-            if duration <= pd.Timedelta(0):
-                raise ValueError(f"the holdout duration must be positive, got {value!r}")
-        elif not 0.0 < value < 1.0:
+            return _positive_duration(value)
+        if not 0.0 < value < 1.0:
             raise ValueError(f"expected a fraction in (0, 1) or a duration like '90D', got {value!r}")
         return value
 
@@ -112,8 +107,38 @@ class SplitParams(_Section):
         return pd.Timedelta(self.holdout) if isinstance(self.holdout, str) else float(self.holdout)
 
 
-class CVParams(_Section):
-    n_splits: int = Field(5, ge=2)
+def _positive_duration(value: str) -> str:
+    try:
+        duration = pd.Timedelta(value)
+    except ValueError as exc:
+        raise ValueError(f"expected a duration like '7D' or '12h', got {value!r}") from exc
+    if duration <= pd.Timedelta(0):
+        raise ValueError(f"the duration must be positive, got {value!r}")
+    return value
+
+
+class RetrainParams(_Section):
+    """The retrain policy that the evaluation replays walk-forward (README: "The retrain policy")."""
+
+    every: str = "30D"  # a new model per step of this length; production's weekly retrain is "7D"
+    warmup_steps: int = Field(1, ge=1)  # steps before the span whose predictions seed the first threshold
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        return _positive_duration(value)
+
+    @property
+    def every_value(self) -> pd.Timedelta:
+        return pd.Timedelta(self.every)
+
+
+class ExecutorParams(_Section):
+    """Where the independent fits run; read by no DVC stage, since it never changes what they compute."""
+
+    kind: Literal["local", "dask"] = "local"
+    workers: int | None = Field(None, ge=1)  # local processes; null = one per core
+    scheduler: str | None = None  # dask: "tcp://host:8786"; CRYPTOML_DASK_SCHEDULER wins
 
 
 class ModelParams(_Section):
@@ -139,7 +164,8 @@ class EvaluateParams(_Section):
 
 
 class GateParams(_Section):
-    """The promotion gate: absolute skill floors, then no regression against the champion."""
+    """The promotion gate: absolute skill floors on the policy's out-of-sample record, then no regression against
+    the champion on the rows both records share."""
 
     min_roc_auc: float = Field(0.52, ge=0.0, le=1.0)
     # Proper scoring rules against the constant class prior: challenger score / prior score must be below.
@@ -147,6 +173,7 @@ class GateParams(_Section):
     max_log_loss_ratio: float | None = Field(1.01, gt=0.0, allow_inf_nan=False)
     champion_tolerance: float = Field(0.005, ge=0.0, le=1.0)  # ROC AUC the challenger may lose to the champion
     champion_log_loss_tolerance: float = Field(0.002, ge=0.0, allow_inf_nan=False)
+    champion_min_shared_rows: int = Field(500, ge=1)  # fewer shared out-of-sample rows: no champion comparison
     min_f1: float | None = Field(None, ge=0.0, le=1.0)  # the original system's rule (0.6), off by default
     min_mcc: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -195,11 +222,12 @@ class Params(_Section):
     data: DataParams
     label: LabelParams = LabelParams()
     split: SplitParams = SplitParams()
-    cv: CVParams = CVParams()
+    retrain: RetrainParams = RetrainParams()
     model: ModelParams
     evaluate: EvaluateParams = EvaluateParams()
     gate: GateParams = GateParams()
     monitor: MonitorParams = MonitorParams()
+    executor: ExecutorParams = ExecutorParams()
 
     @model_validator(mode="after")
     def _holdout_fits_the_window(self) -> Params:
@@ -216,13 +244,15 @@ class Params(_Section):
         labelled = (self.data.end - self.data.start) // step - warmup - horizon
         holdout = self.split.holdout_value
         rows = holdout // step if isinstance(holdout, pd.Timedelta) else round(labelled * holdout)
-        fewest, most = warmup + horizon, labelled - horizon - self.split.embargo - 1
+        warmup_span = self.retrain.warmup_steps * (self.retrain.every_value // step)
+        fewest, most = warmup + horizon, labelled - horizon - self.split.embargo - 1 - warmup_span
         if not fewest <= rows <= most:
             raise ValueError(
                 f"split.holdout ({self.split.holdout!r}) holds {rows} of the {max(labelled, 0)} labelled rows of "
                 f"[data.start, data.end); it must hold at least {fewest} (the feature warm-up of {warmup} rows + "
-                f"label.horizon {horizon}) and at most {most} (at least one training row must precede the purge gap "
-                f"of label.horizon + split.embargo rows)"
+                f"label.horizon {horizon}) and at most {most} (at least one training row must precede the "
+                f"retrain.warmup_steps={self.retrain.warmup_steps} steps of retrain.every={self.retrain.every} and the "
+                f"purge gap of label.horizon + split.embargo rows)"
             )
         return self
 

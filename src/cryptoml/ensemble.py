@@ -26,6 +26,7 @@ out of the vote, so artifacts and `component_proba` have the same shape for ever
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import io
 import json
@@ -53,6 +54,7 @@ from cryptoml.artifacts import (
     MANIFEST_NAME,
     MODEL_NAMES,
     ONNX_GRAPH,
+    OOS_PREDICTIONS,
     ArtifactError,
     FileEntry,
     Manifest,
@@ -250,12 +252,14 @@ def _canonical_skops(data: bytes) -> bytes:
 
     skops names each array entry and `__id__` after the in-memory address (`id()`) of the object and
     stamps entries with the wall clock; both are replaced by their order of appearance in the schema
-    and a fixed date. The padding bytes of structured arrays (a tree's nodes: 57 bytes of fields in
+    and a fixed date. A plain JSON value (a float, a string) gets one id per content: whether two
+    equal floats are one object depends on how the model reached this process (fitted here, or
+    unpickled from a worker), not on the model. The padding bytes of structured arrays (a tree's nodes: 57 bytes of fields in
     64) hold whatever memory was there, so they are zeroed. The values are unchanged, so skops loads
     the result like the original.
     """
     with zipfile.ZipFile(io.BytesIO(data)) as source:
-        new_ids: dict[int, int] = {}
+        new_ids: dict[Any, int] = {}
         new_files: dict[str, str] = {}
         schema = _renumbered(json.loads(source.read("schema.json")), new_ids, new_files)
         entries = [("schema.json", json.dumps(schema, indent=2).encode())]
@@ -286,7 +290,7 @@ def _zeroed_padding(name: str, payload: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def _renumbered(node: Any, new_ids: dict[int, int], new_files: dict[str, str]) -> Any:
+def _renumbered(node: Any, new_ids: dict[Any, int], new_files: dict[str, str]) -> Any:
     if isinstance(node, list):
         return [_renumbered(item, new_ids, new_files) for item in node]
     if not isinstance(node, dict):
@@ -294,7 +298,8 @@ def _renumbered(node: Any, new_ids: dict[int, int], new_files: dict[str, str]) -
     renamed: dict[str, Any] = {}
     for key, value in node.items():
         if key == "__id__" and isinstance(value, int):
-            renamed[key] = new_ids.setdefault(value, len(new_ids) + 1)  # skops reads id 0 as "no id"
+            identity = ("json", node.get("__class__"), node["content"]) if node.get("is_json") else value
+            renamed[key] = new_ids.setdefault(identity, len(new_ids) + 1)  # skops reads id 0 as "no id"
         elif key == "file" and isinstance(value, str):
             renamed[key] = new_files.setdefault(value, f"{len(new_files)}{PurePosixPath(value).suffix}")
         else:
@@ -466,6 +471,20 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
             shares[name] = np.asarray(values, dtype=np.float64) / total if total > 0 else np.zeros(len(FEATURE_NAMES))
         return shares
 
+    def fingerprint(self) -> str:
+        """sha256 of the fitted native models' contents and weights, without the seconds of skops and ONNX export
+        that `save` costs: it tells whether two fits (a walk-forward step on two workers, or on altered candles)
+        made the same model."""
+        check_is_fitted(self, _FITTED_ATTRIBUTES)
+        digest = hashlib.sha256(_lightgbm_bytes(self.lightgbm_booster_))
+        digest.update(_xgboost_bytes(self.xgboost_booster_))
+        for estimator in self.random_forest_.estimators_:
+            tree = estimator.tree_
+            for array in (tree.children_left, tree.children_right, tree.feature, tree.threshold, tree.value):
+                digest.update(np.ascontiguousarray(array).tobytes())
+        digest.update(dump_json(self.weights_).encode())
+        return f"sha256:{digest.hexdigest()}"
+
     def _component_proba(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
         threads = validated_int("n_jobs", self.n_jobs, 1)
         self.xgboost_booster_.set_param("nthread", threads)
@@ -546,12 +565,15 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
             "library_versions": dict(self.library_versions_),
         }
 
-    def save(self, path: Path, version_info: Mapping[str, Any] | None = None, parity_rows: Any = None) -> str:
+    def save(
+        self, path: Path, version_info: Mapping[str, Any] | None = None, parity_rows: Any = None, oos_predictions: bytes | None = None
+    ) -> str:
         """Write the model directory and return its model hash ("sha256:<hex>").
 
         The ONNX graph is exported from the fitted models. With `parity_rows` (feature rows, e.g. every
         row the model will score) its P(up) must match the native models' there within
-        PARITY_TOLERANCE, else ParityError before anything is written.
+        PARITY_TOLERANCE, else ParityError before anything is written. `oos_predictions`, the
+        out-of-sample record of the retrain policy that made the model, is stored and hashed with it.
 
         The old manifest is removed first and the new one written last, each file atomically, so an
         interrupted save leaves a directory that load refuses rather than a mix of two models; then
@@ -572,6 +594,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
             "xgboost": _xgboost_bytes(self.xgboost_booster_),
             "random_forest": _random_forest_bytes(self.random_forest_),
             ONNX_GRAPH: pack_graph(graph),
+            **({OOS_PREDICTIONS: oos_predictions} if oos_predictions is not None else {}),
         }
         entries = {name: FileEntry.of(name, data) for name, data in payloads.items()}
         section = self._model_section(entries)

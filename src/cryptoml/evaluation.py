@@ -1,33 +1,41 @@
-"""Holdout evaluation: scores, baselines, an after-fee backtest and the plot tables, as pure functions.
+"""Walk-forward evaluation: scores, baselines, an after-fee backtest and the plot tables, as pure functions.
 
-The evaluate stage reads the model, features, candles and params and writes metrics/evaluate.json
-and the plot CSVs; everything in between is here, with no file, clock or git access.
+The evaluate stage reads the out-of-sample record the train stage stored with the model, the candles
+and params, and writes metrics/evaluate.json and the plot CSVs; everything in between is here, with
+no file, clock or git access. No model is run here: every P(up) was made during the walk-forward by
+a model that had not seen its row.
+
+What is compared, on the same rows (the scored rows of the evaluation span):
+
+* policy: the retrain policy, a new model every walk-forward step (what production does);
+* frozen: the first step's model kept for the whole span (a model that is never retrained);
+* components: LightGBM, XGBoost and RandomForest of each step, as the policy's ensemble saw them;
+* baselines, below.
 
 Conventions, the same for every model and baseline, so their numbers compare:
 
-* Rows: every holdout row is scored by every model and baseline; none is dropped.
-* Threshold: "up" is predicted when P(up) >= the ensemble's stored decision threshold, also for the
-  component models (training scores them at their own thresholds; here they answer "is the
-  ensemble's cut-off a good one for this model too?").
+* Threshold: "up" is predicted when P(up) >= the step's decision threshold, chosen before the step
+  on earlier out-of-sample predictions; the frozen model keeps the first step's threshold. The
+  components and baselines use the policy's (they answer "is this cut-off a good one for them too?").
 * Probabilities are clipped to [PROBABILITY_CLIP, 1 - PROBABILITY_CLIP] before any metric, so the
   hard 0/1 predictions of always_up and persistence get a large but finite log loss.
-* A holdout with a single class is refused (ValueError): ROC AUC and PR AUC are undefined on it.
+* A span with a single class is refused (ValueError): ROC AUC and PR AUC are undefined on it. A
+  single step with one class only has no ROC AUC of its own in the per-step table.
 
 Baselines:
 
-* class_prior: the positive rate of the *training* labels as a constant P(up); at the decision
-  threshold it predicts up on every row or on none.
+* class_prior: the positive rate of each step's *training* labels as a constant P(up); at the
+  decision threshold it predicts up on every row or on none.
 * always_up: P(up) = 1 on every row, i.e. predicts up everywhere.
 * persistence: P(up) = the last label known at bar t, that of bar t - horizon (its forward window
-  ends at t). It is recomputed from the close series, so the first `horizon` holdout rows use the
-  labels of the purge-gap bars before the holdout (known by then, never used for training) and no
-  row is dropped.
+  ends at t). It is recomputed from the close series, so the first `horizon` rows of the span use
+  the labels of the bars before it (known by then) and no row is dropped.
 
-Backtest: at each holdout row t the position for the next bar is 1 (long) if the ensemble predicts
-up at t, else 0 (flat), decided afresh every bar whatever the label horizon. The next bar's return
-is close[t+1] / close[t] - 1, with t+1 the next bar of the close series; the last holdout row has
-one when the close series goes on past it (it does in the pipeline, whose last `horizon` bars have
-no label), otherwise that row is left out of the backtest only. See `backtest` for fees and figures.
+Backtest: at each row t the position for the next bar is 1 (long) if the model predicts up at t,
+else 0 (flat), decided afresh every bar whatever the label horizon. The next bar's return is
+close[t+1] / close[t] - 1, with t+1 the next bar of the close series; the last row has one when the
+close series goes on past it (it does in the pipeline, whose last `horizon` bars have no label),
+otherwise that row is left out of the backtest only. See `backtest` for fees and figures.
 """
 
 from __future__ import annotations
@@ -39,13 +47,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, f1_score, precision_recall_curve, roc_curve
+from sklearn.metrics import average_precision_score, f1_score, log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
-from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.features import FEATURE_NAMES
 from cryptoml.labels import make_labels
 from cryptoml.io import rounded_json
-from cryptoml.training import ENSEMBLE, score
+from cryptoml.training import score
 
 PROBABILITY_CLIP = 1e-15
 MAX_CURVE_POINTS = 200
@@ -53,7 +60,7 @@ CALIBRATION_BINS = 10
 DAYS_PER_YEAR = 365  # crypto trades around the clock, every day of the year
 
 BASELINE_NAMES: tuple[str, ...] = ("class_prior", "always_up", "persistence")
-PLOT_NAMES: tuple[str, ...] = ("roc", "precision_recall", "calibration", "confusion", "feature_importance", "equity")
+PLOT_NAMES: tuple[str, ...] = ("roc", "precision_recall", "calibration", "confusion", "feature_importance", "equity", "walk_forward")
 
 
 def _checked_labels(y_true: Any) -> np.ndarray:
@@ -65,8 +72,8 @@ def _checked_labels(y_true: Any) -> np.ndarray:
         raise ValueError(f"labels must be 0 (not up) or 1 (up), got {invalid[:5]}")
     if len(np.unique(labels)) < 2:
         raise ValueError(
-            f"all {len(labels)} holdout labels are {int(labels[0])}: ROC AUC and PR AUC are undefined on one class; "
-            "use a longer holdout (split.holdout) or another label.threshold"
+            f"all {len(labels)} evaluated labels are {int(labels[0])}: ROC AUC and PR AUC are undefined on one class; "
+            "use a longer evaluation span (split.holdout) or another label.threshold"
         )
     return labels.astype(np.int64)
 
@@ -81,7 +88,7 @@ def _checked_probability(p_up: Any, n_rows: int) -> np.ndarray:
     return proba
 
 
-def classification_metrics(y_true: Any, p_up: Any, threshold: float) -> dict[str, float]:
+def classification_metrics(y_true: Any, p_up: Any, threshold: float | np.ndarray) -> dict[str, float]:
     """Scores of P(up) against 0/1 labels; independent of any model, so a champion can be re-scored.
 
     roc_auc, pr_auc (average precision), log_loss and brier judge the probabilities; f1 (class up),
@@ -154,14 +161,19 @@ def persistence_labels(y_holdout: pd.Series, close: pd.Series, *, horizon: int, 
 
 
 def baseline_probabilities(
-    y_holdout: pd.Series, close: pd.Series, *, train_positive_rate: float, horizon: int, label_threshold: float
+    y_holdout: pd.Series, close: pd.Series, *, prior: float | np.ndarray, horizon: int, label_threshold: float
 ) -> dict[str, np.ndarray]:
-    """P(up) of each baseline on the holdout rows, in BASELINE_NAMES order."""
-    if not 0.0 < train_positive_rate < 1.0:
-        raise ValueError(f"train_positive_rate must be in (0, 1): a training set has both labels; got {train_positive_rate}")
+    """P(up) of each baseline on the evaluated rows, in BASELINE_NAMES order.
+
+    `prior` is the positive rate of the training labels: one value, or one per row (each walk-forward
+    step has its own training rows).
+    """
     n_rows = len(y_holdout)
+    priors = np.broadcast_to(np.asarray(prior, dtype=np.float64), (n_rows,))
+    if not ((priors > 0.0) & (priors < 1.0)).all():
+        raise ValueError(f"the class prior must be in (0, 1): a training set has both labels; got {priors.min()} .. {priors.max()}")
     return {
-        "class_prior": np.full(n_rows, float(train_positive_rate)),
+        "class_prior": priors.copy(),
         "always_up": np.ones(n_rows),
         "persistence": persistence_labels(y_holdout, close, horizon=horizon, label_threshold=label_threshold).astype(np.float64),
     }
@@ -330,54 +342,118 @@ class EvaluationResult:
     plots: dict[str, pd.DataFrame]
 
 
-def evaluate_holdout(
-    ensemble: ProductionEnsemble,
-    X_holdout: pd.DataFrame,
-    y_holdout: pd.Series,
+POLICY, FROZEN = "policy", "frozen"
+
+
+def _per_step(record: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
+    """Skill of each scored step: rows, ROC AUC and log loss over the class prior's, for the policy and frozen.
+
+    A step whose rows all have one label has no ROC AUC (left empty); the pooled figures still count its rows.
+    """
+    rows = []
+    for step, part in record.assign(label=labels).groupby("step", sort=True):
+        y = part["label"].to_numpy()
+        prior = np.clip(part["prior"].to_numpy(), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
+        prior_loss = float(log_loss(y, prior, labels=[0, 1]))
+        entry: dict[str, Any] = {
+            "step": int(step),
+            "start": part["timestamp"].iloc[0].isoformat(),
+            "rows": len(part),
+            "positive_rate": float(y.mean()),
+            "threshold": float(part["threshold"].iloc[0]),
+        }
+        for name, column in ((POLICY, "p_up"), (FROZEN, "frozen_p_up")):
+            proba = np.clip(part[column].to_numpy(), PROBABILITY_CLIP, 1 - PROBABILITY_CLIP)
+            entry[f"{name}_roc_auc"] = float(roc_auc_score(y, proba)) if 0 < y.sum() < len(y) else np.nan
+            entry[f"{name}_log_loss_ratio"] = float(log_loss(y, proba, labels=[0, 1])) / prior_loss
+        rows.append(entry)
+    return pd.DataFrame(rows)
+
+
+def _spread(values: pd.Series) -> dict[str, float]:
+    defined = values.dropna()
+    return {"min": float(defined.min()), "median": float(defined.median()), "max": float(defined.max())}
+
+
+def evaluate_walk_forward(
+    record: pd.DataFrame,
+    labels: pd.Series,
     close: pd.Series,
+    importances: Mapping[str, np.ndarray],
     *,
-    train_positive_rate: float,
     fee: float,
     timeframe: pd.Timedelta,
     horizon: int,
     label_threshold: float,
 ) -> EvaluationResult:
-    """Score the ensemble, its components and the baselines on the holdout rows and backtest its signal.
+    """Score the retrain policy, the frozen model, the components and the baselines on the evaluation span.
 
-    `close` is the full close series (indexed by timestamp) the labels were built from: persistence
-    reads it before the holdout and the backtest the bar after each row. `horizon` and
-    `label_threshold` are the label params (persistence recomputes labels with them), `timeframe` the
-    candle duration (parse_timeframe), `fee` the cost per trade side.
+    `record` is the out-of-sample record of training.run_training (training.OOS_COLUMNS); only its
+    scored rows count. Every figure is computed on the same rows: the policy at each step's own
+    threshold (chosen before the step), the frozen model and the baselines likewise at the first
+    step's, the components at the policy's. `labels` are the current labels, `close` the candles'
+    close prices, `importances` the production model's feature importances.
     """
-    if not X_holdout.index.equals(y_holdout.index):
-        raise ValueError("y_holdout's index differs from X_holdout's: pass the same holdout rows of the dataset")
-    labels = _checked_labels(y_holdout)
-    threshold = float(ensemble.decision_threshold)
-    models = {ENSEMBLE: ensemble.predict_proba(X_holdout)[:, 1], **ensemble.component_proba(X_holdout)}
-    baselines = baseline_probabilities(
-        y_holdout, close, train_positive_rate=train_positive_rate, horizon=horizon, label_threshold=label_threshold
-    )
-    signal = (models[ENSEMBLE] >= threshold).astype(np.int64)  # what ensemble.predict returns
-    trading = backtest(pd.Series(signal, index=y_holdout.index), close, fee=fee, timeframe=timeframe)
+    scored = record[record["scored"].astype(bool)].reset_index(drop=True)
+    if scored.empty:
+        raise ValueError("the out-of-sample record has no scored row: no walk-forward step lies in the evaluation span")
+    index = pd.DatetimeIndex(scored["timestamp"])
+    y_span = labels.reindex(index)
+    if y_span.isna().any():
+        raise ValueError(
+            f"the out-of-sample record predicts {index[y_span.isna()][0]}, which has no label in the current data: "
+            "the model was trained on other candles; run the train stage again"
+        )
+    y_span = y_span.astype(np.int64)
+    y = _checked_labels(y_span)
+    step_thresholds = scored["threshold"].to_numpy()
+    frozen_threshold = float(step_thresholds[0])
+    models = {POLICY: scored["p_up"].to_numpy(), FROZEN: scored["frozen_p_up"].to_numpy()}
+    components = {name: scored[name].to_numpy() for name in ("lightgbm", "xgboost", "random_forest")}
+    baselines = baseline_probabilities(y_span, close, prior=scored["prior"].to_numpy(), horizon=horizon, label_threshold=label_threshold)
+    thresholds = {POLICY: step_thresholds, FROZEN: frozen_threshold}
+    metrics_by_model = {name: classification_metrics(y, proba, thresholds[name]) for name, proba in models.items()}
+    baseline_metrics = {name: classification_metrics(y, proba, step_thresholds) for name, proba in baselines.items()}
+    for name, figures in metrics_by_model.items():
+        figures["log_loss_vs_prior"] = figures["log_loss"] / baseline_metrics["class_prior"]["log_loss"]
+        figures["brier_vs_prior"] = figures["brier"] / baseline_metrics["class_prior"]["brier"]
+    signals = {name: (proba >= thresholds[name]).astype(np.int64) for name, proba in models.items()}
+    trading = {name: backtest(pd.Series(signal, index=index), close, fee=fee, timeframe=timeframe) for name, signal in signals.items()}
+    steps = _per_step(scored, y)
     metrics = {
-        "decision_threshold": threshold,
-        "train_positive_rate": train_positive_rate,
-        "holdout": {
-            "rows": len(labels),
-            "start": X_holdout.index[0].isoformat(),
-            "end": X_holdout.index[-1].isoformat(),
-            "positive_rate": float(labels.mean()),
+        "span": {
+            "rows": len(y),
+            "start": index[0].isoformat(),
+            "end": index[-1].isoformat(),
+            "steps": len(steps),
+            "positive_rate": float(y.mean()),
+            "first_threshold": frozen_threshold,
+            "last_threshold": float(step_thresholds[-1]),
         },
-        **{name: classification_metrics(labels, proba, threshold) for name, proba in models.items()},
-        "baselines": {name: classification_metrics(labels, proba, threshold) for name, proba in baselines.items()},
-        "backtest": trading.metrics,
+        **metrics_by_model,
+        "components": {name: classification_metrics(y, proba, step_thresholds) for name, proba in components.items()},
+        "baselines": baseline_metrics,
+        "backtest": {
+            **{key: trading[POLICY].metrics[key] for key in ("bars", "fee", "periods_per_year")},
+            **{name: result.metrics["strategy"] for name, result in trading.items()},
+            "buy_and_hold": trading[POLICY].metrics["buy_and_hold"],
+        },
+        "steps": {
+            "policy_roc_auc": _spread(steps[f"{POLICY}_roc_auc"]),
+            "policy_log_loss_ratio": _spread(steps[f"{POLICY}_log_loss_ratio"]),
+            "policy_beats_frozen": int((steps[f"{POLICY}_roc_auc"] > steps[f"{FROZEN}_roc_auc"]).sum()),
+        },
     }
+    curves = {**models, **components}
+    equity = trading[POLICY].equity.rename(columns={"strategy": POLICY})
+    equity.insert(2, FROZEN, trading[FROZEN].equity["strategy"].to_numpy())
     plots = {
-        "roc": roc_table(labels, models),
-        "precision_recall": precision_recall_table(labels, models),
-        "calibration": calibration_table(labels, models),
-        "confusion": pd.DataFrame({"actual": labels, "predicted": signal}),
-        "feature_importance": importance_table(ensemble.feature_importances()),
-        "equity": trading.equity,
+        "roc": roc_table(y, curves),
+        "precision_recall": precision_recall_table(y, curves),
+        "calibration": calibration_table(y, curves),
+        "confusion": pd.DataFrame({"actual": y, "predicted": signals[POLICY]}),
+        "feature_importance": importance_table(importances),
+        "equity": equity,
+        "walk_forward": steps,
     }
     return EvaluationResult(metrics=rounded_json(metrics), plots=plots)

@@ -17,12 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import TimeSeriesSplit
 
 # The holdout is either the last fraction of the rows or the last stretch of time.
 Holdout = float | pd.Timedelta
-
-Fold = tuple[np.ndarray, np.ndarray]
 
 
 def _require_chronological(index: pd.Index, what: str) -> None:
@@ -72,29 +69,25 @@ def build_dataset(features: pd.DataFrame, close: pd.Series, horizon: int, thresh
     return align(features, make_labels(close, horizon, threshold))
 
 
+# Step boundaries are multiples of `retrain.every` counted from the Unix epoch, not from the data window: a weekly
+# retrain that only moves data.end keeps every earlier step, with the same training rows, so the steps both runs
+# share give the same predictions and a champion comparison on them is exact.
+STEP_ANCHOR = pd.Timestamp(0, tz="UTC")
+
+
 @dataclass(frozen=True)
-class HoldoutSplit:
-    """Training rows [0, train_stop) and holdout rows [holdout_start, n_rows) of the aligned frame."""
+class Step:
+    """One retrain of the walk-forward: fit on rows [0, train_stop), predict rows [start, stop).
 
-    n_rows: int
+    `scored` steps make up the evaluation span; the `warm-up` steps before them exist only so that the
+    first scored step has earlier out-of-sample predictions to choose its decision threshold from.
+    """
+
+    number: int
     train_stop: int
-    holdout_start: int
-    train_start_time: pd.Timestamp
-    train_end_time: pd.Timestamp
-    holdout_start_time: pd.Timestamp
-    holdout_end_time: pd.Timestamp
-
-    @property
-    def train(self) -> np.ndarray:
-        return np.arange(self.train_stop)
-
-    @property
-    def holdout(self) -> np.ndarray:
-        return np.arange(self.holdout_start, self.n_rows)
-
-    @property
-    def purged_rows(self) -> int:
-        return self.holdout_start - self.train_stop
+    start: int
+    stop: int
+    scored: bool
 
 
 def _holdout_rows(index: pd.DatetimeIndex, holdout: Holdout) -> int:
@@ -108,54 +101,57 @@ def _holdout_rows(index: pd.DatetimeIndex, holdout: Holdout) -> int:
     return round(len(index) * holdout)
 
 
-def holdout_split(index: pd.DatetimeIndex, holdout: Holdout, horizon: int, embargo: int) -> HoldoutSplit:
-    """Hold out the most recent rows, purging `horizon + embargo` rows before them from training."""
-    _require_chronological(index, "holdout split")
+def _next_boundary(time: pd.Timestamp, every: pd.Timedelta) -> pd.Timestamp:
+    """The first step boundary at or after `time`."""
+    periods = -((STEP_ANCHOR - time) // every)  # ceiling division of (time - anchor) by every
+    return STEP_ANCHOR + periods * every
+
+
+def walk_forward_steps(
+    index: pd.DatetimeIndex, holdout: Holdout, every: pd.Timedelta, warmup_steps: int, horizon: int, embargo: int
+) -> list[Step]:
+    """The retrain policy replayed over the evaluation span: one step per `every`, each fitted only on the past.
+
+    The span is the last `holdout` of the rows (a fraction or a duration), started at the first step
+    boundary inside it so that every step but the last is a whole `every`. Each step trains on every
+    row before it except a purge gap of `horizon + embargo` rows, so no training label reaches into the
+    rows it predicts. `warmup_steps` whole steps precede the span. Steps without rows (a gap in the
+    candles) are left out.
+    """
+    _require_chronological(index, "walk-forward")
     if embargo < 0:
         raise ValueError(f"split.embargo must be a non-negative number of bars, got {embargo}")
+    if every <= pd.Timedelta(0):
+        raise ValueError(f"retrain.every must be a positive duration, got {every}")
+    if warmup_steps < 1:
+        raise ValueError(f"retrain.warmup_steps must be at least 1 (the first threshold needs earlier predictions), got {warmup_steps}")
     n_rows = len(index)
     if n_rows == 0:
         raise ValueError("cannot split an empty dataset: no labelled rows")
     n_holdout = _holdout_rows(index, holdout)
-    if n_holdout < 1:
-        raise ValueError(f"split.holdout={holdout} selects no row of the {n_rows} labelled rows: make it larger")
-    if n_holdout >= n_rows:
-        raise ValueError(f"split.holdout={holdout} covers all {n_rows} labelled rows, leaving none for training")
-    holdout_start = n_rows - n_holdout
-    train_stop = holdout_start - horizon - embargo
-    if train_stop < 1:
+    if not 1 <= n_holdout < n_rows:
+        raise ValueError(f"split.holdout={holdout} selects {n_holdout} of the {n_rows} labelled rows: it must leave rows on both sides")
+    span_start = _next_boundary(index[n_rows - n_holdout], every)
+    if span_start > index[-1]:
         raise ValueError(
-            f"no training rows left: {n_rows} labelled rows minus {n_holdout} holdout rows (split.holdout={holdout}) "
-            f"minus a purge gap of label.horizon={horizon} + split.embargo={embargo} rows"
+            f"the evaluation span (split.holdout={holdout}, from {index[n_rows - n_holdout]}) holds no retrain.every={every} "
+            f"step boundary before the last row {index[-1]}: make split.holdout longer or retrain.every shorter"
         )
-    return HoldoutSplit(
-        n_rows=n_rows,
-        train_stop=train_stop,
-        holdout_start=holdout_start,
-        train_start_time=index[0],
-        train_end_time=index[train_stop - 1],
-        holdout_start_time=index[holdout_start],
-        holdout_end_time=index[-1],
-    )
-
-
-def walk_forward_splits(n_rows: int, n_splits: int, horizon: int, embargo: int) -> list[Fold]:
-    """Expanding-window folds over rows [0, n_rows): validation blocks in time order, each preceded
-    by a purge gap of `horizon + embargo` rows that neither side uses.
-
-    The validation blocks are the last `n_splits` of `n_splits + 1` equal blocks (as in
-    scikit-learn's TimeSeriesSplit), so every fold trains only on the past.
-    """
-    if n_splits < 2:
-        raise ValueError(f"cv.n_splits must be at least 2, got {n_splits}")
+    last_boundary = _next_boundary(index[-1] + pd.Timedelta(1, "ns"), every)
+    boundaries = pd.date_range(span_start - warmup_steps * every, last_boundary, freq=every)
+    positions = index.searchsorted(boundaries, side="left")
     gap = horizon + embargo
-    fold_size = n_rows // (n_splits + 1)
-    first_train_rows = n_rows - n_splits * fold_size - gap
-    if fold_size < 1 or first_train_rows < 1:
-        raise ValueError(
-            f"{n_rows} training rows are too few for cv.n_splits={n_splits} validation folds with a purge gap of "
-            f"label.horizon={horizon} + split.embargo={embargo} rows: the first fold would have "
-            f"{max(first_train_rows, 0)} training rows and {fold_size} validation rows"
-        )
-    splitter = TimeSeriesSplit(n_splits=n_splits, gap=gap)
-    return list(splitter.split(np.arange(n_rows)))
+    steps: list[Step] = []
+    for begin, (start, stop) in zip(boundaries, zip(positions[:-1], positions[1:], strict=True), strict=False):
+        if stop == start:
+            continue
+        if start - gap < 1:
+            raise ValueError(
+                f"the walk-forward step from {begin} has {max(start - gap, 0)} training rows: {start} labelled rows precede it, "
+                f"minus a purge gap of label.horizon={horizon} + split.embargo={embargo} rows; with split.holdout={holdout}, "
+                f"retrain.every={every} and retrain.warmup_steps={warmup_steps} the window needs more data before the span"
+            )
+        steps.append(Step(number=len(steps) + 1, train_stop=int(start - gap), start=int(start), stop=int(stop), scored=begin >= span_start))
+    if not any(not step.scored for step in steps):
+        raise ValueError(f"the {warmup_steps} warm-up step(s) before {span_start} hold no rows (a gap in the candles?)")
+    return steps

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,25 @@ from cryptoml import paths
 from cryptoml.config import Params
 from cryptoml.console import progress
 from cryptoml.data import fetch_candles, read_candles, write_parquet
-from cryptoml.artifacts import MANIFEST_NAME, ArtifactError
+from cryptoml.artifacts import MANIFEST_NAME, OOS_PREDICTIONS, ArtifactError, read_model, read_oos_predictions
 from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.evaluation import EvaluationResult, classification_metrics, evaluate_holdout
+from cryptoml.evaluation import evaluate_walk_forward
+from cryptoml.executor import ExecutorSettings
 from cryptoml.features import FeatureManager
 from cryptoml.timeframe import parse_timeframe
-from cryptoml.io import atomic_path, rounded_json, write_json_atomic
-from cryptoml.labels import HoldoutSplit, build_dataset, holdout_split
-from cryptoml.promotion import Decision, decide, promote, read_production_metadata
+from cryptoml.io import atomic_path, write_json_atomic
+from cryptoml.labels import make_labels
+from cryptoml.promotion import Decision, compare_with_champion, decide, promote, read_production_metadata
 from cryptoml.registry import RegistryError, dvc, recorded_production, restore_files, source_commit
-from cryptoml.training import TrainingSettings, build_training_metadata, run_training
+from cryptoml.training import (
+    FitSettings,
+    TrainingSettings,
+    build_train_metrics,
+    build_training_metadata,
+    record_from_csv,
+    record_to_csv,
+    run_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +86,37 @@ def training_settings(params: Params) -> TrainingSettings:
         threshold=params.label.threshold,
         holdout=params.split.holdout_value,
         embargo=params.split.embargo,
-        n_splits=params.cv.n_splits,
-        weights=params.model.weights,
-        model_params=params.model.hyperparameters(),
-        random_state=params.model.random_state,
-        n_jobs=params.model.n_jobs,
+        every=params.retrain.every_value,
+        warmup_steps=params.retrain.warmup_steps,
+        fit=FitSettings(
+            weights=params.model.weights,
+            model_params=params.model.hyperparameters(),
+            random_state=params.model.random_state,
+            n_jobs=params.model.n_jobs,
+        ),
     )
 
 
+def executor(params: Params) -> ExecutorSettings:
+    return ExecutorSettings(kind=params.executor.kind, workers=params.executor.workers, scheduler=params.executor.scheduler)
+
+
 def run_train(params: Params) -> None:
-    """train: purged walk-forward CV, threshold choice, final fit -> models/training/ and metrics/train.json."""
+    """train: walk-forward replay of the retrain policy, threshold, production fit on every labelled row -> models/training/."""
     features, close = read_training_inputs()
-    log.info("training on %d feature rows (CV: %d walk-forward folds)", len(features), params.cv.n_splits)
-    result = run_training(features, close, training_settings(params))
+    log.info("training on %d feature rows (walk-forward steps of %s)", len(features), params.retrain.every)
+    result = run_training(features, close, training_settings(params), executor(params))
     commit = source_commit()
     version_info = {
         "git_commit": commit.sha,
         "data_start": params.data.start.isoformat(),
         "data_end": params.data.end.isoformat(),
+        "train_end": result.train_index[-1].isoformat(),
     }
     # Every feature row, labelled or not: the ONNX graph must reproduce the native P(up) wherever it may be served.
-    model_hash = result.ensemble.save(paths.TRAINING_DIR, version_info=version_info, parity_rows=features)
+    model_hash = result.ensemble.save(
+        paths.TRAINING_DIR, version_info=version_info, parity_rows=features, oos_predictions=record_to_csv(result.record)
+    )
     metadata = build_training_metadata(
         result,
         created_at=commit.committed_at or "unknown",
@@ -106,41 +125,26 @@ def run_train(params: Params) -> None:
         git_commit=commit.sha,
         previous_version=None,
         feature_manager_version=FeatureManager.version,
-        # The monitor section is read by no stage: tuning it must not change the model's metadata.
-        params=params.model_dump(mode="json", exclude={"monitor"}),
+        # Sections read by no stage (monitor, executor): changing them must not change the model's metadata.
+        params=params.model_dump(mode="json", exclude={"monitor", "executor"}),
         library_versions=result.ensemble.library_versions_,
     )
     write_json_atomic(paths.TRAINING_METADATA, metadata)
-    write_json_atomic(paths.TRAIN_METRICS, result.metrics)
-    cv = result.cv.mean_scores()
+    write_json_atomic(paths.TRAIN_METRICS, build_train_metrics(result))
     log.info(
-        "CV ensemble ROC AUC %.4f, MCC %.4f at threshold %.4f; model %s",
-        cv["roc_auc"], cv["mcc"], result.decision_threshold, model_hash,
+        "production model %s fitted on %d rows up to %s, threshold %.4f; %d walk-forward steps",
+        model_hash, len(result.train_index), result.train_index[-1], result.decision_threshold, len(result.steps),
     )
 
 
-def labelled_rows(params: Params) -> tuple[pd.DataFrame, pd.Series, HoldoutSplit, pd.Series]:
-    """The labelled feature rows, their labels, the holdout split params define, and the close prices."""
-    features, close = read_training_inputs()
-    X, y = build_dataset(features, close, params.label.horizon, params.label.threshold)
-    split = holdout_split(X.index, params.split.holdout_value, params.label.horizon, params.split.embargo)
-    return X, y, split, close
+def stored_record(directory: Path) -> pd.DataFrame | None:
+    """The verified out-of-sample record stored with the model in `directory`; None for a model without one."""
+    data = read_oos_predictions(directory)
+    return None if data is None else record_from_csv(data, f"{directory}/{MANIFEST_NAME} {OOS_PREDICTIONS}")
 
 
-def evaluate_model(model: ProductionEnsemble, params: Params) -> EvaluationResult:
-    """Score `model` on the holdout rows defined by params (the same rows for challenger and champion)."""
-    X, y, split, close = labelled_rows(params)
-    return evaluate_holdout(
-        model,
-        X.iloc[split.holdout],
-        y.iloc[split.holdout],
-        close,
-        train_positive_rate=float(y.iloc[split.train].mean()),
-        fee=params.evaluate.fee,
-        timeframe=parse_timeframe(params.data.timeframe),
-        horizon=params.label.horizon,
-        label_threshold=params.label.threshold,
-    )
+def current_labels(params: Params, close: pd.Series) -> pd.Series:
+    return make_labels(close, params.label.horizon, params.label.threshold)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -154,39 +158,61 @@ def write_plots(plots: dict[str, pd.DataFrame], directory: Path) -> None:
         if "model" in table.columns:
             for model, rows in table.groupby("model", sort=True):
                 _write_csv(rows.drop(columns="model"), directory / name / f"{model}.csv")
-        elif name == "equity":
-            # DVC's line template needs a numeric x: bars since the start of the holdout.
-            _write_csv(table.assign(bar=range(len(table)), timestamp=table["timestamp"].astype(str)), directory / "equity.csv")
+        elif "timestamp" in table.columns:
+            _write_csv(table.assign(timestamp=table["timestamp"].map(pd.Timestamp.isoformat)), directory / f"{name}.csv")
         else:
             _write_csv(table, directory / f"{name}.csv")
 
 
 def run_evaluate(params: Params) -> None:
-    """evaluate: holdout metrics of the challenger, its components and the baselines, backtest, plots."""
-    result = evaluate_model(ProductionEnsemble.load(paths.TRAINING_DIR), params)
+    """evaluate: the policy's out-of-sample record against the frozen model and the baselines; backtest; plots."""
+    model = ProductionEnsemble.load(paths.TRAINING_DIR, backend="native")
+    record = stored_record(paths.TRAINING_DIR)
+    if record is None:
+        raise ArtifactError(f"{paths.TRAINING_DIR}: the model stores no out-of-sample record; run `cryptoml train`")
+    close = read_candles(paths.RAW_CANDLES).set_index("timestamp")["close"]
+    result = evaluate_walk_forward(
+        record,
+        current_labels(params, close),
+        close,
+        model.feature_importances(),
+        fee=params.evaluate.fee,
+        timeframe=parse_timeframe(params.data.timeframe),
+        horizon=params.label.horizon,
+        label_threshold=params.label.threshold,
+    )
     write_plots(result.plots, paths.PLOTS_DIR)
     write_json_atomic(paths.EVALUATE_METRICS, result.metrics)
-    ensemble, prior = result.metrics["ensemble"], result.metrics["baselines"]["class_prior"]
+    policy, frozen, prior = result.metrics["policy"], result.metrics["frozen"], result.metrics["baselines"]["class_prior"]
     log.info(
-        "holdout: ensemble ROC AUC %.4f (class prior 0.5), log loss %.4f (class prior %.4f), MCC %.4f",
-        ensemble["roc_auc"], ensemble["log_loss"], prior["log_loss"], ensemble["mcc"],
+        "out of sample, %d rows: policy ROC AUC %.4f (frozen %.4f), log loss %.4f (class prior %.4f), MCC %.4f",
+        result.metrics["span"]["rows"], policy["roc_auc"], frozen["roc_auc"], policy["log_loss"], prior["log_loss"], policy["mcc"],
     )
 
 
 KEY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "f1", "mcc", "precision", "recall", "accuracy")
 
 
-def load_champion(X_holdout: pd.DataFrame, y_holdout: pd.Series) -> tuple[ProductionEnsemble | None, dict[str, float] | None, str | None]:
-    """The production model re-scored on this run's holdout rows, or why there is none to compare with."""
+@dataclass(frozen=True, eq=False)
+class Champion:
+    """The production model as the gate sees it: its identity and its stored out-of-sample record."""
+
+    sha256: str
+    version_info: dict[str, Any]
+    record: pd.DataFrame | None
+
+
+def read_champion() -> tuple[Champion | None, str | None]:
+    """The production model's identity and record, read and verified without loading any model; or why not."""
     if not (paths.PRODUCTION_DIR / MANIFEST_NAME).exists():
-        return None, None, None
+        return None, None
     try:
-        champion = ProductionEnsemble.load(paths.PRODUCTION_DIR)
+        _, manifest, payloads = read_model(paths.PRODUCTION_DIR, keep={OOS_PREDICTIONS})
     except ArtifactError as exc:
-        return None, None, f"the production model cannot be loaded, so it is not re-scored: {exc}"
-    p_up = champion.predict_proba(X_holdout)[:, 1]
-    # Rounded like metrics/evaluate.json, so challenger and champion are compared at the same precision.
-    return champion, rounded_json(classification_metrics(y_holdout.to_numpy(), p_up, champion.decision_threshold)), None
+        return None, f"the production model cannot be read, so it is not compared: {exc}"
+    data = payloads.get(OOS_PREDICTIONS)
+    record = None if data is None else record_from_csv(data, f"{paths.PRODUCTION_DIR}/{MANIFEST_NAME} {OOS_PREDICTIONS}")
+    return Champion(manifest.model_sha256, dict(manifest.version_info), record), None
 
 
 def production_record(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -198,62 +224,68 @@ def production_record(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
         "model_hash": metadata["version_control"]["model_hash"],
         "git_commit": metadata["version_control"]["git_commit"],
         "data_start": info["data_start"],
-        "data_end": info["holdout_end"],
+        "data_end": info["data_end"],
         "metrics": {key: metadata["performance_metrics"][key] for key in KEY_METRICS},
     }
 
 
-def production_metadata(challenger: ProductionEnsemble, champion: ProductionEnsemble | None, holdout: dict[str, float]) -> dict[str, Any]:
-    """The training metadata, restated for production: holdout metrics and the model it replaces."""
+def production_metadata(champion: Champion | None, out_of_sample: dict[str, float]) -> dict[str, Any]:
+    """The training metadata, restated for production: the policy's out-of-sample metrics and the model it replaces."""
     metadata = json.loads(paths.TRAINING_METADATA.read_text())
     previous = None
     if champion is not None:
-        previous = {"git_commit": champion.version_info_.get("git_commit"), "model_hash": champion.model_sha256_}
+        previous = {"git_commit": champion.version_info.get("git_commit"), "model_hash": champion.sha256}
     return {
         **metadata,
         "status": "production",
         "model_file": str(paths.PRODUCTION_DIR / MANIFEST_NAME),
-        "performance_metrics": holdout,
-        "cv_metrics": metadata["performance_metrics"],
+        "performance_metrics": out_of_sample,
         "version_control": {**metadata["version_control"], "previous_version": previous},
     }
 
 
 def run_promote(params: Params) -> Decision:
-    """promote: gate the challenger against the baselines and the re-scored champion; swap production on a pass.
+    """promote: gate the challenger's policy record against the baselines and the champion's; swap production on a pass.
 
     First the challenger's ONNX graph, which production will serve, must reproduce the native P(up) on
-    every holdout row (within serving.PARITY_TOLERANCE): otherwise ParityError ends the stage before
-    the gate, and production and metrics/promotion.json are left as they were.
+    every row of the evaluation span (within serving.PARITY_TOLERANCE): otherwise ParityError ends the
+    stage before the gate, and production and metrics/promotion.json are left as they were.
     """
     challenger = ProductionEnsemble.load(paths.TRAINING_DIR, backend="onnx")
-    X, y, split, _ = labelled_rows(params)
-    X_holdout, y_holdout = X.iloc[split.holdout], y.iloc[split.holdout]
-    parity = challenger.check_serving_parity(X_holdout)
-    log.info("ONNX graph vs native models on %d holdout rows: max |P(up) difference| %.2g", parity.rows, parity.max_abs_difference)
+    record = stored_record(paths.TRAINING_DIR)
+    if record is None:
+        raise ArtifactError(f"{paths.TRAINING_DIR}: the model stores no out-of-sample record; run `cryptoml train`")
+    features, close = read_training_inputs()
+    parity = challenger.check_serving_parity(features.loc[pd.DatetimeIndex(record.loc[record["scored"], "timestamp"])])
+    log.info("ONNX graph vs native models on %d evaluation rows: max |P(up) difference| %.2g", parity.rows, parity.max_abs_difference)
     evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
-    champion, champion_metrics, note = load_champion(X_holdout, y_holdout)
+    champion, note = read_champion()
+    comparison = None
+    if champion is not None and champion.record is None:
+        note = f"the production model {champion.sha256} stores no out-of-sample predictions (saved before they were kept)"
+    elif champion is not None:
+        comparison, note = compare_with_champion(record, champion.record, current_labels(params, close), params.gate.champion_min_shared_rows)
     decision = decide(
-        evaluation["ensemble"],
+        evaluation["policy"],
         evaluation["baselines"],
-        champion_metrics,
+        comparison,
         params.gate,
         challenger_sha256=challenger.model_sha256_,
-        champion_sha256=champion.model_sha256_ if champion is not None else None,
+        champion_sha256=champion.sha256 if champion is not None else None,
         champion_note=note,
     )
     if decision.promote:
-        promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(challenger, champion, evaluation["ensemble"]))
+        promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(champion, evaluation["policy"]))
     else:
         # DVC fails a stage whose output is missing: a first challenger that fails the gate leaves an empty
         # production directory (nothing to serve) rather than a failed `dvc repro`.
         paths.PRODUCTION_DIR.mkdir(parents=True, exist_ok=True)
-    record = {
+    record_json = {
         **decision.as_json(),
         "serving_parity": asdict(parity),
         "production": production_record(read_production_metadata(paths.PRODUCTION_DIR)),
     }
-    write_json_atomic(paths.PROMOTION_METRICS, record)
+    write_json_atomic(paths.PROMOTION_METRICS, record_json)
     verdict = "PROMOTED" if decision.promote else "REJECTED"
     log.info("%s %s", verdict, challenger.model_sha256_)
     for reason in decision.reasons:

@@ -68,11 +68,16 @@ def iso_utc(timestamp: pd.Timestamp) -> str:
 
 
 def model_data_end(model: ProductionEnsemble) -> pd.Timestamp:
-    """The end of the data window the model was trained on (params data.end), recorded in its verified manifest."""
-    recorded = model.version_info_.get("data_end")
+    """The time of the last row the model was fitted on, recorded in its verified manifest (`train_end`).
+
+    Models made before the production fit took every labelled row record only their window's end
+    (params data.end, `data_end`): their training rows ended months earlier, and for them that is all
+    there is to go by.
+    """
+    recorded = model.version_info_.get("train_end", model.version_info_.get("data_end"))
     if recorded is None:
         raise ValueError(
-            f"model {model.model_sha256_} records no data_end in its version_info: its age is unknown; "
+            f"model {model.model_sha256_} records neither train_end nor data_end in its version_info: its age is unknown; "
             "retrain it with `cryptoml train` (or `dvc repro`)"
         )
     return pd.Timestamp(recorded).tz_convert("UTC")

@@ -1,12 +1,23 @@
 """The quality gate that decides whether a challenger replaces the production model, and the promotion.
 
-Gate (`decide`): F1 at a fixed threshold cannot be the gate: on real BTC candles a model with real
-skill has a holdout ROC AUC near 0.55-0.6 and an F1 far below the always-up baseline's. The default
-gate therefore asks for ranking skill (ROC AUC above chance) and for probabilities better than the
-constant class prior (Brier score below the class_prior baseline's), which no baseline can show,
-with log loss at most 1% above the prior's as a guard against over-confident probabilities; F1 and
-MCC floors are optional. With a champion re-scored on the same holdout, the challenger must also not
-be worse than it beyond small tolerances.
+Gate (`decide`) judges the procedure that made the challenger, through the out-of-sample record of
+its retrain policy (every prediction from a model that had not seen its row), never the production
+fit itself, which has seen every row. F1 at a fixed threshold cannot be the gate: on real BTC candles
+a model with real skill has an out-of-sample ROC AUC near 0.55-0.6 and an F1 far below the always-up
+baseline's. The absolute checks therefore ask of the policy's pooled predictions for ranking skill
+(ROC AUC above chance) and for probabilities better than the constant class prior (Brier score below
+the class_prior baseline's), which no baseline can show, with log loss at most 1% above the prior's
+as a guard against over-confident probabilities; F1 and MCC floors are optional.
+
+Champion comparison (`compare_with_champion`): each production model keeps its own out-of-sample
+record, hashed in its manifest. The challenger's record and the champion's are compared on the rows
+both predicted, against today's labels; the champion is never asked to predict, since it was trained
+on most of those rows. Step boundaries are anchored to the calendar, so a data-only weekly retrain
+(same code and params, data.end one week later) reproduces the champion's predictions on the shared
+steps exactly: the comparison then shows no difference and the absolute checks, which include the
+new week, decide. A change of code or params gives a paired comparison of two procedures on the
+same rows and the same labels. Fewer than gate.champion_min_shared_rows shared rows (a new market or
+data window, or a champion saved before records existed) skip the comparison, with a note.
 
 Promotion (`promote`) into a directory that a trading bot may be loading at the same moment:
 
@@ -38,10 +49,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from cryptoml.artifacts import MANIFEST_NAME, ArtifactError, listed_component_files, prune_components, read_artifacts
 from cryptoml.config import GateParams
 from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.io import dump_json, write_bytes_atomic
+from cryptoml.evaluation import classification_metrics
+from cryptoml.io import dump_json, rounded_json, write_bytes_atomic
 
 METADATA_NAME = "production_model_metadata.json"
 # Digits kept in metrics/promotion.json: far finer than any gate limit, stable across platforms.
@@ -67,6 +81,48 @@ class Check:
 
 
 @dataclass(frozen=True)
+class ChampionComparison:
+    """Challenger and champion scored on the rows both have stored out-of-sample predictions for."""
+
+    rows: int
+    start: str
+    end: str
+    challenger: dict[str, float]
+    champion: dict[str, float]
+
+
+# Scores of the comparison: they judge P(up) itself, so no decision threshold is involved.
+_COMPARED_METRICS = ("roc_auc", "log_loss", "brier")
+
+
+def compare_with_champion(
+    challenger: pd.DataFrame, champion: pd.DataFrame, labels: pd.Series, min_shared_rows: int
+) -> tuple[ChampionComparison | None, str | None]:
+    """Score both out-of-sample records (timestamp, p_up) on their shared labelled rows; or say why not.
+
+    Returns (comparison, None), or (None, the reason) when fewer than `min_shared_rows` rows are shared.
+    """
+    shared = pd.DatetimeIndex(challenger["timestamp"]).intersection(pd.DatetimeIndex(champion["timestamp"]))
+    shared = shared.intersection(labels.dropna().index)
+    if len(shared) < min_shared_rows:
+        return None, (
+            f"the champion's stored out-of-sample predictions share {len(shared)} labelled row(s) with the challenger's, "
+            f"fewer than gate.champion_min_shared_rows={min_shared_rows}"
+        )
+    y = labels.loc[shared].to_numpy()
+
+    def scores(record: pd.DataFrame) -> dict[str, float]:
+        p_up = record.set_index("timestamp")["p_up"].loc[shared].to_numpy()
+        # Rounded like metrics/evaluate.json, so challenger and champion are compared at the same precision.
+        return rounded_json({key: value for key, value in classification_metrics(y, p_up, 0.5).items() if key in _COMPARED_METRICS})
+
+    comparison = ChampionComparison(
+        rows=len(shared), start=shared[0].isoformat(), end=shared[-1].isoformat(), challenger=scores(challenger), champion=scores(champion)
+    )
+    return comparison, None
+
+
+@dataclass(frozen=True)
 class Decision:
     """The gate's verdict with every check, so metrics/promotion.json shows why, not just what."""
 
@@ -77,6 +133,7 @@ class Decision:
     challenger_sha256: str | None = None
     champion_sha256: str | None = None
     champion_note: str | None = None
+    champion_comparison: ChampionComparison | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The record for metrics/promotion.json: plain JSON, floats rounded, no NaN."""
@@ -85,6 +142,7 @@ class Decision:
             "challenger_sha256": self.challenger_sha256,
             "champion_sha256": self.champion_sha256,
             "champion_note": self.champion_note,
+            "champion_comparison": asdict(self.champion_comparison) if self.champion_comparison else None,
             "checks": [{**asdict(check), "value": _rounded(check.value), "limit": _rounded(check.limit)} for check in self.checks],
             "reasons": list(self.reasons),
             "gate": {name: _rounded(value) for name, value in self.settings.model_dump().items()},
@@ -128,7 +186,7 @@ def _absolute_checks(challenger: Mapping[str, float], baselines: Mapping[str, Ma
     if "class_prior" not in baselines:
         raise ValueError(f"baselines lack 'class_prior' (have {sorted(baselines)}): the score ratios compare with it")
     checks = [
-        _check("min_roc_auc", "holdout ROC AUC vs gate.min_roc_auc", _metric(challenger, "roc_auc", "challenger"), ">=", settings.min_roc_auc)
+        _check("min_roc_auc", "out-of-sample ROC AUC vs gate.min_roc_auc", _metric(challenger, "roc_auc", "challenger"), ">=", settings.min_roc_auc)
     ]
     for key, (setting, label) in _PRIOR_RATIOS.items():
         limit = getattr(settings, setting)
@@ -137,31 +195,32 @@ def _absolute_checks(challenger: Mapping[str, float], baselines: Mapping[str, Ma
         prior = _metric(baselines["class_prior"], key, "baselines['class_prior']")
         if prior <= 0:
             raise ValueError(f"baselines['class_prior'] {key} is {prior}: a constant probability cannot score perfectly")
-        description = f"holdout {label} / the class_prior baseline's ({prior:.4f}) vs gate.{setting}"
+        description = f"out-of-sample {label} / the class_prior baseline's ({prior:.4f}) vs gate.{setting}"
         checks.append(_check(setting, description, _metric(challenger, key, "challenger") / prior, "<", limit))
     optional_floors = {"f1": ("min_f1", "F1"), "mcc": ("min_mcc", "MCC")}
     for key, (setting, label) in optional_floors.items():
         floor = getattr(settings, setting)
         if floor is not None:
-            checks.append(_check(setting, f"holdout {label} vs gate.{setting}", _metric(challenger, key, "challenger"), ">=", floor))
+            checks.append(_check(setting, f"out-of-sample {label} vs gate.{setting}", _metric(challenger, key, "challenger"), ">=", floor))
     return checks
 
 
-def _champion_checks(challenger: Mapping[str, float], champion: Mapping[str, float], settings: GateParams) -> list[Check]:
-    champion_auc = _metric(champion, "roc_auc", "champion")
-    champion_log_loss = _metric(champion, "log_loss", "champion")
+def _champion_checks(comparison: ChampionComparison, settings: GateParams) -> list[Check]:
+    champion_auc = _metric(comparison.champion, "roc_auc", "champion")
+    champion_log_loss = _metric(comparison.champion, "log_loss", "champion")
+    rows = f"on the {comparison.rows} rows both predicted out of sample"
     return [
         _check(
             "champion_roc_auc",
-            f"holdout ROC AUC vs the champion's {champion_auc:.4f} - gate.champion_tolerance",
-            _metric(challenger, "roc_auc", "challenger"),
+            f"ROC AUC {rows} vs the champion's {champion_auc:.4f} - gate.champion_tolerance",
+            _metric(comparison.challenger, "roc_auc", "challenger"),
             ">=",
             champion_auc - settings.champion_tolerance,
         ),
         _check(
             "champion_log_loss",
-            f"holdout log loss vs the champion's {champion_log_loss:.4f} + gate.champion_log_loss_tolerance",
-            _metric(challenger, "log_loss", "challenger"),
+            f"log loss {rows} vs the champion's {champion_log_loss:.4f} + gate.champion_log_loss_tolerance",
+            _metric(comparison.challenger, "log_loss", "challenger"),
             "<=",
             champion_log_loss + settings.champion_log_loss_tolerance,
         ),
@@ -171,24 +230,25 @@ def _champion_checks(challenger: Mapping[str, float], champion: Mapping[str, flo
 def decide(
     challenger: Mapping[str, float],
     baselines: Mapping[str, Mapping[str, float]],
-    champion: Mapping[str, float] | None,
+    comparison: ChampionComparison | None,
     settings: GateParams,
     *,
     challenger_sha256: str | None = None,
     champion_sha256: str | None = None,
     champion_note: str | None = None,
 ) -> Decision:
-    """Promote when every check passes; the champion checks apply only when a champion was re-scored.
+    """Promote when every check passes; the champion checks apply only when there is a comparison.
 
-    `champion` is None on the first run and when the champion cannot be loaded or re-scored on the
-    same holdout (say why in `champion_note`); the absolute checks then decide alone.
+    `challenger` and `baselines` are the policy's pooled out-of-sample metrics (metrics/evaluate.json).
+    `comparison` is None on the first run and when the champion cannot be compared (say why in
+    `champion_note`); the absolute checks then decide alone.
     """
     checks = _absolute_checks(challenger, baselines, settings)
-    if champion is not None:
-        checks += _champion_checks(challenger, champion, settings)
+    if comparison is not None:
+        checks += _champion_checks(comparison, settings)
     failed = [check.message for check in checks if not check.passed]
     reasons = failed or [check.message for check in checks]
-    if champion is None and not failed:
+    if comparison is None and not failed:
         reasons.append(f"no champion to compare with ({champion_note or 'first promotion'}): the absolute checks decide")
     return Decision(
         promote=not failed,
@@ -198,6 +258,7 @@ def decide(
         challenger_sha256=challenger_sha256,
         champion_sha256=champion_sha256,
         champion_note=champion_note,
+        champion_comparison=comparison,
     )
 
 

@@ -150,11 +150,12 @@ def _bullets(lines: Sequence[str]) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
-# The holdout figures a reviewer reads first; every metric follows in a collapsed table.
+# The out-of-sample figures a reviewer reads first; every metric follows in a collapsed table.
 HEADLINE_METRICS: tuple[tuple[str, ...], ...] = (
-    *(("ensemble", name) for name in ("roc_auc", "pr_auc", "log_loss", "brier", "mcc", "f1")),
-    ("backtest", "strategy", "total_return"),
-    ("backtest", "strategy", "sharpe"),
+    *(("policy", name) for name in ("roc_auc", "pr_auc", "log_loss", "log_loss_vs_prior", "brier", "mcc", "f1")),
+    ("frozen", "roc_auc"),
+    ("backtest", "policy", "total_return"),
+    ("backtest", "policy", "sharpe"),
 )
 # GitHub refuses a pull-request body longer than this.
 MAX_BODY_CHARS = 65_536
@@ -172,8 +173,8 @@ def _figure(value: float | None) -> str:
 
 
 def headline_table(base_metrics: Mapping[str, Any] | None, metrics: Mapping[str, Any], base: str) -> str:
-    """Key holdout metrics of the base branch's model and this one (from metrics/evaluate.json)."""
-    rows = [f"| holdout metric | `{base}` | this branch | change |", "|---|---:|---:|---:|"]
+    """Key out-of-sample metrics of the base branch's policy and this one (from metrics/evaluate.json)."""
+    rows = [f"| out-of-sample metric | `{base}` | this branch | change |", "|---|---:|---:|---:|"]
     for keys in HEADLINE_METRICS:
         old, new = _lookup(base_metrics, keys), _lookup(metrics, keys)
         change = f"{new - old:+.4f}" if old is not None and new is not None else "-"
@@ -203,8 +204,8 @@ def pull_request_body(
             f"## Retrain on data until {utc_iso(data.end)}",
             f"**Data window:** {describe_window(data, data_metrics)}",
             f"**Decision:** promoted `{decision['challenger_sha256']}`; champion it replaces: {champion}",
-            f"### Quality gate (champion re-scored on this holdout)\n\n{_bullets(decision['reasons'])}",
-            f"### Holdout metrics against `{base}` (each model on its own holdout)\n\n{headline}",
+            f"### Quality gate (the champion compared through its stored out-of-sample predictions)\n\n{_bullets(decision['reasons'])}",
+            f"### Walk-forward metrics against `{base}` (each on its own evaluation span)\n\n{headline}",
             f"<details><summary>Every metric: <code>dvc metrics diff {base} --md</code></summary>\n\n{every_metric}\n\n</details>",
             f"### Params against `{base}`\n\n{params_diff.strip() or 'no param changed'}",
             f"### Plots\n\n{plots}",

@@ -1,18 +1,27 @@
-"""Cross-validation, the decision threshold and the final fit, as pure functions.
+"""The retrain policy replayed walk-forward, the decision threshold and the production fit, as pure functions.
 
 The training stage reads candles, features and params and writes the model and metrics; everything
 in between is here, with no file, clock or git access, so a rerun on the same inputs gives the
 same model and the same numbers.
+
+The production model is fitted on every labelled row up to data.end: it is what the weekly retrain
+delivers. It cannot be scored on rows it saw, so what the stage measures is the *policy* that made
+it: over the evaluation span (labels.walk_forward_steps) a model is fitted at every step on the rows
+before it and predicts the step's rows. Those pooled predictions, each made by a model that never
+saw its row, are the out-of-sample record (`OOS_COLUMNS`) stored with the model. Every fit is an
+independent task (`fit_and_predict`) that the executor may run anywhere.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
 from sklearn.metrics import (
     accuracy_score,
     brier_score_loss,
@@ -26,8 +35,9 @@ from sklearn.metrics import (
 
 from cryptoml.drift import feature_reference
 from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.executor import ExecutorSettings, map_tasks
 from cryptoml.io import METRICS_DECIMALS, rounded_json
-from cryptoml.labels import Fold, Holdout, HoldoutSplit, build_dataset, holdout_split, walk_forward_splits
+from cryptoml.labels import Holdout, Step, build_dataset, walk_forward_steps
 
 ENSEMBLE = "ensemble"
 
@@ -38,9 +48,9 @@ ModelParams = Mapping[str, Mapping[str, Any]]
 
 
 def choose_threshold(y_true: np.ndarray, proba: np.ndarray, quantiles: np.ndarray = THRESHOLD_QUANTILES) -> float:
-    """The decision threshold on P(up), chosen on out-of-fold predictions only (never the holdout).
+    """The decision threshold on P(up), chosen on out-of-sample predictions that exist before it is used.
 
-    Rule: the candidates are the 5 %, 6 %, ..., 95 % quantiles of the out-of-fold P(up), rounded to
+    Rule: the candidates are the 5 %, 6 %, ..., 95 % quantiles of the out-of-sample P(up), rounded to
     6 decimals; "up" is predicted when P(up) >= threshold. The candidate with the highest Matthews
     correlation coefficient (MCC) between prediction and label wins; ties go to the higher
     threshold, i.e. fewer and surer signals.
@@ -86,96 +96,144 @@ def score(y_true: np.ndarray, proba: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """How every model of the run is built: the same for each walk-forward step and for production."""
+
+    weights: Mapping[str, float] | None
+    model_params: ModelParams | None
+    random_state: int
+    n_jobs: int
+
+
 @dataclass(frozen=True, eq=False)
-class CVResult:
-    """Walk-forward results of each component model and the ensemble ("ensemble").
+class FitData:
+    """The labelled rows as plain arrays: sent to the workers once, shared by every task."""
 
-    `oof_proba[name]` holds P(up) on the validation rows of all folds in fold order, aligned with
-    `oof_labels`; `thresholds[name]` is `choose_threshold` applied to it (so a component is scored at
-    its own best threshold, not the ensemble's); `scores[name][metric]` has one value per fold.
-    """
-
-    folds: list[Fold]
-    oof_labels: np.ndarray
-    oof_proba: dict[str, np.ndarray]
-    thresholds: dict[str, float]
-    scores: dict[str, dict[str, list[float]]]
-
-    @property
-    def decision_threshold(self) -> float:
-        return self.thresholds[ENSEMBLE]
-
-    def mean_scores(self, name: str = ENSEMBLE) -> dict[str, float]:
-        return {metric: float(np.mean(values)) for metric, values in self.scores[name].items()}
+    X: np.ndarray
+    y: np.ndarray
+    settings: FitSettings
 
 
-def _require_both_labels(y: pd.Series, what: str) -> None:
-    if y.nunique() < 2:
+@dataclass(frozen=True)
+class FitTask:
+    """Fit on rows [0, train_stop), predict rows [predict_start, predict_stop); keep the model only if asked."""
+
+    name: str
+    train_stop: int
+    predict_start: int
+    predict_stop: int
+    keep_model: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class FitResult:
+    proba: dict[str, np.ndarray]  # ENSEMBLE and each component, on the predicted rows
+    fingerprint: str  # ProductionEnsemble.fingerprint(): the same task gives the same model anywhere
+    model: ProductionEnsemble | None
+
+
+def _require_both_labels(y: np.ndarray, what: str) -> None:
+    if len(np.unique(y)) < 2:
         raise ValueError(
-            f"{what} ({y.index[0]} .. {y.index[-1]}, {len(y)} rows) all have label {y.iloc[0]}: "
-            "a model cannot be fitted or scored on one class; use fewer cv.n_splits, more data or another label.threshold"
+            f"{what} ({len(y)} rows) all have label {y[0] if len(y) else None}: a model cannot be fitted on one class; "
+            "use more data, a longer retrain.every or another label.threshold"
         )
 
 
-def cross_validate(
-    X: pd.DataFrame,
-    y: pd.Series,
-    splits: Sequence[Fold],
-    *,
-    weights: Mapping[str, float] | None,
-    model_params: ModelParams | None,
-    random_state: int,
-    n_jobs: int,
-) -> CVResult:
-    """Fit a fresh ensemble per fold and score it on the fold's validation rows.
-
-    Thresholded scores need the threshold, and the threshold needs all out-of-fold probabilities:
-    so every fold is predicted first, then the thresholds are chosen on the pooled predictions,
-    then each fold is scored.
-    """
-    if not splits:
-        raise ValueError("cross_validate needs at least one (train, validation) fold, got none")
-    fold_proba: list[dict[str, np.ndarray]] = []
-    for number, (train, val) in enumerate(splits, start=1):
-        _require_both_labels(y.iloc[train], f"CV fold {number} training rows")
-        _require_both_labels(y.iloc[val], f"CV fold {number} validation rows")
-        model = ProductionEnsemble(weights=weights, model_params=model_params, random_state=random_state, n_jobs=n_jobs)
-        model.fit(X.iloc[train], y.iloc[train])
-        proba = model.component_proba(X.iloc[val])
-        proba[ENSEMBLE] = model.predict_proba(X.iloc[val])[:, 1]
-        fold_proba.append(proba)
-
-    fold_labels = [y.iloc[val].to_numpy() for _, val in splits]
-    oof_labels = np.concatenate(fold_labels)
-    names = list(fold_proba[0])
-    oof_proba = {name: np.concatenate([proba[name] for proba in fold_proba]) for name in names}
-    thresholds = {name: choose_threshold(oof_labels, oof_proba[name]) for name in names}
-    scores: dict[str, dict[str, list[float]]] = {}
-    for name in names:
-        per_fold = [score(labels, proba[name], thresholds[name]) for labels, proba in zip(fold_labels, fold_proba, strict=True)]
-        scores[name] = {metric: [fold[metric] for fold in per_fold] for metric in per_fold[0]}
-    return CVResult(folds=list(splits), oof_labels=oof_labels, oof_proba=oof_proba, thresholds=thresholds, scores=scores)
-
-
-def train_final(
-    X_train: pd.DataFrame,
-    y_train: pd.Series,
-    *,
-    decision_threshold: float,
-    weights: Mapping[str, float] | None,
-    model_params: ModelParams | None,
-    random_state: int,
-    n_jobs: int,
-) -> ProductionEnsemble:
-    """The production model: all training rows (never the holdout) and the CV-chosen threshold."""
+def fit_and_predict(data: FitData, task: FitTask) -> FitResult:
+    """One independent fit: a pure function of the shared rows and the task, seeded, with a fixed thread count."""
+    _require_both_labels(data.y[: task.train_stop], f"the training rows of {task.name}")
+    settings = data.settings
     model = ProductionEnsemble(
-        weights=weights,
-        model_params=model_params,
-        decision_threshold=decision_threshold,
-        random_state=random_state,
-        n_jobs=n_jobs,
+        weights=settings.weights, model_params=settings.model_params, random_state=settings.random_state, n_jobs=settings.n_jobs
+    ).fit(data.X[: task.train_stop], data.y[: task.train_stop])
+    rows = data.X[task.predict_start : task.predict_stop]
+    proba = model.component_proba(rows) if len(rows) else {}
+    proba[ENSEMBLE] = model.predict_proba(rows)[:, 1] if len(rows) else np.empty(0)
+    return FitResult(proba=proba, fingerprint=model.fingerprint(), model=model if task.keep_model else None)
+
+
+# The out-of-sample record: one row per walk-forward prediction. `threshold` is the decision threshold of the
+# row's step (chosen from earlier predictions; empty on warm-up rows), `prior` the positive rate of the step's
+# training rows (the class_prior baseline), `p_up` the policy's P(up), then each component's, and `frozen_p_up`
+# the P(up) of the first scored step's model kept for the whole span (empty before the span).
+OOS_COLUMNS: tuple[str, ...] = (
+    "timestamp", "step", "scored", "threshold", "prior", "p_up", "lightgbm", "xgboost", "random_forest", "frozen_p_up",
+)
+
+
+def record_to_csv(record: pd.DataFrame) -> bytes:
+    """The record as the CSV stored with the model: ISO timestamps, floats that read back exactly."""
+    text = record.assign(timestamp=record["timestamp"].map(pd.Timestamp.isoformat)).to_csv(
+        index=False, float_format="%.17g", lineterminator="\n"
     )
-    return model.fit(X_train, y_train)
+    return text.encode()
+
+
+def record_from_csv(data: bytes, source: str) -> pd.DataFrame:
+    """Read a stored record back; `source` names the file in errors."""
+    try:
+        record = pd.read_csv(io.BytesIO(data))
+        missing = [column for column in OOS_COLUMNS if column not in record.columns]
+        if missing:
+            raise ValueError(f"missing columns {missing}")
+        record["timestamp"] = pd.to_datetime(record["timestamp"], utc=True, format="ISO8601")
+    except ValueError as exc:
+        raise ValueError(f"{source}: not an out-of-sample record ({', '.join(OOS_COLUMNS)}): {exc}") from None
+    return record
+
+
+def step_threshold(step: Step, earlier_rows: np.ndarray, labels: np.ndarray, p_up: np.ndarray, horizon: int) -> float:
+    """The threshold a step uses: chosen on earlier out-of-sample rows whose label is known when the step starts.
+
+    A row's label needs `horizon` more bars, so rows within `horizon` of the step's start are left out.
+    """
+    known = earlier_rows[earlier_rows < step.start - horizon]
+    if known.size == 0:
+        raise ValueError(f"walk-forward step {step.number} has no earlier out-of-sample prediction with a known label")
+    return choose_threshold(labels[known], p_up[known])
+
+
+def out_of_sample_record(
+    index: pd.DatetimeIndex, y: np.ndarray, steps: Sequence[Step], results: Sequence[FitResult], horizon: int
+) -> pd.DataFrame:
+    """Pool the steps' predictions into the record (OOS_COLUMNS), choosing each scored step's threshold on the way."""
+    first, stop = steps[0].start, steps[-1].stop
+    n_rows = stop - first
+    columns: dict[str, np.ndarray] = {
+        "step": np.zeros(n_rows, dtype=np.int64),
+        "scored": np.zeros(n_rows, dtype=bool),
+        "threshold": np.full(n_rows, np.nan),
+        "prior": np.zeros(n_rows),
+        "frozen_p_up": np.full(n_rows, np.nan),
+        **{name: np.zeros(n_rows) for name in ("p_up", *(name for name in results[0].proba if name != ENSEMBLE))},
+    }
+    frozen_step = next(step for step in steps if step.scored)
+    for step, result in zip(steps, results, strict=True):
+        rows = slice(step.start - first, step.stop - first)
+        size = step.stop - step.start
+        columns["step"][rows] = step.number
+        columns["scored"][rows] = step.scored
+        columns["prior"][rows] = y[: step.train_stop].mean()
+        columns["p_up"][rows] = result.proba[ENSEMBLE][:size]
+        for name, proba in result.proba.items():
+            if name != ENSEMBLE:
+                columns[name][rows] = proba[:size]
+        if step.scored:
+            earlier = np.arange(first, step.start)
+            columns["threshold"][rows] = step_threshold(step, earlier, y, _positioned(columns["p_up"], first, stop), horizon)
+        if step is frozen_step:
+            columns["frozen_p_up"][step.start - first :] = result.proba[ENSEMBLE]
+    record = pd.DataFrame({"timestamp": index[first:stop], **columns})
+    return record[list(OOS_COLUMNS)]
+
+
+def _positioned(values: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """`values` of rows [first, stop), addressable by row position of the whole dataset."""
+    positioned = np.full(stop, np.nan)
+    positioned[first:stop] = values
+    return positioned
 
 
 @dataclass(frozen=True)
@@ -186,100 +244,130 @@ class TrainingSettings:
     threshold: float
     holdout: Holdout
     embargo: int
-    n_splits: int
-    weights: Mapping[str, float] | None
-    model_params: ModelParams | None
-    random_state: int
-    n_jobs: int
+    every: pd.Timedelta
+    warmup_steps: int
+    fit: FitSettings
 
 
 @dataclass(frozen=True, eq=False)
 class TrainingResult:
-    """The fitted model and everything needed to report on it."""
+    """The production model, the policy's out-of-sample record and everything needed to report on them."""
 
     settings: TrainingSettings
     ensemble: ProductionEnsemble
-    cv: CVResult
-    split: HoldoutSplit
+    steps: list[Step]
+    record: pd.DataFrame
+    step_fingerprints: list[str]
     feature_names: tuple[str, ...]
+    train_index: pd.DatetimeIndex
     train_positive_rate: float
-    metrics: dict[str, Any]
     # The distribution of each feature on the rows the model was fitted on, which `cryptoml monitor` compares with.
     feature_reference: dict[str, Any]
 
     @property
     def decision_threshold(self) -> float:
-        return self.cv.decision_threshold
+        return float(self.ensemble.decision_threshold)
+
+    def step_summaries(self) -> list[dict[str, Any]]:
+        """Each walk-forward step: its rows, its training rows and the fingerprint of its model."""
+        index = self.record["timestamp"]
+        first = self.steps[0].start
+        return [
+            {
+                "step": step.number,
+                "scored": step.scored,
+                "start": index.iloc[step.start - first].isoformat(),
+                "end": index.iloc[step.stop - 1 - first].isoformat(),
+                "rows": step.stop - step.start,
+                "train_rows": step.train_stop,
+                "train_end": self.train_index[step.train_stop - 1].isoformat(),
+                "model_fingerprint": fingerprint,
+            }
+            for step, fingerprint in zip(self.steps, self.step_fingerprints, strict=True)
+        ]
 
 
-def build_train_metrics(cv: CVResult, split: HoldoutSplit, train_positive_rate: float) -> dict[str, Any]:
-    """metrics/train.json: out-of-sample CV scores per model and the sample counts behind them."""
+def build_train_metrics(result: TrainingResult) -> dict[str, Any]:
+    """metrics/train.json: the production fit's rows and threshold, and the shape of the walk-forward behind it."""
+    record, settings = result.record, result.settings
+    scored = record[record["scored"]]
     return rounded_json(
         {
-            "decision_threshold": cv.decision_threshold,
-            "cv": {
-                name: {
-                    "threshold": cv.thresholds[name],
-                    **{metric: {"mean": float(np.mean(values)), "folds": values} for metric, values in per_metric.items()},
-                }
-                for name, per_metric in cv.scores.items()
-            },
+            "decision_threshold": result.decision_threshold,
             "samples": {
-                "labelled": split.n_rows,
-                "train": len(split.train),
-                "purged": split.purged_rows,
-                "holdout": len(split.holdout),
-                "cv_folds": len(cv.folds),
-                "train_positive_rate": train_positive_rate,
+                "labelled": len(result.train_index),
+                "train": len(result.train_index),
+                "train_positive_rate": result.train_positive_rate,
+                "out_of_sample": len(record),
+                "evaluation_span": len(scored),
+            },
+            "walk_forward": {
+                "every": duration_text(settings.every),
+                "steps": int(record["step"].nunique()),
+                "warmup_steps": int(record.loc[~record["scored"], "step"].nunique()),
+                "span_start": scored["timestamp"].iloc[0].isoformat(),
+                "span_end": scored["timestamp"].iloc[-1].isoformat(),
             },
         }
     )
 
 
-def run_training(features: pd.DataFrame, close: pd.Series, cfg: TrainingSettings) -> TrainingResult:
-    """Label, split, cross-validate, choose the threshold and fit the production model."""
+def plan_fits(X: pd.DataFrame, y: pd.Series, cfg: TrainingSettings) -> tuple[list[Step], FitData, list[FitTask]]:
+    """The walk-forward steps and every fit the stage runs: one per step, then the production fit.
+
+    The first scored step's fit predicts through the last row: its model is also the frozen one.
+    """
+    steps = walk_forward_steps(X.index, cfg.holdout, cfg.every, cfg.warmup_steps, cfg.horizon, cfg.embargo)
+    frozen_step = next(step for step in steps if step.scored)
+    tasks = [
+        FitTask(f"walk-forward step {step.number}", step.train_stop, step.start, len(X) if step is frozen_step else step.stop)
+        for step in steps
+    ]
+    tasks.append(FitTask("the production model", len(X), len(X), len(X), keep_model=True))
+    data = FitData(X=X.to_numpy(dtype=np.float64), y=y.to_numpy(dtype=np.int64), settings=cfg.fit)
+    return steps, data, tasks
+
+
+def run_training(features: pd.DataFrame, close: pd.Series, cfg: TrainingSettings, executor: ExecutorSettings) -> TrainingResult:
+    """Replay the retrain policy walk-forward, choose the threshold on its predictions, fit production on every row.
+
+    The production fit is one more independent task beside the steps, so all of them run in parallel.
+    """
     X, y = build_dataset(features, close, cfg.horizon, cfg.threshold)
-    split = holdout_split(X.index, cfg.holdout, cfg.horizon, cfg.embargo)
-    X_train, y_train = X.iloc[split.train], y.iloc[split.train]
-    folds = walk_forward_splits(len(X_train), cfg.n_splits, cfg.horizon, cfg.embargo)
-    cv = cross_validate(
-        X_train,
-        y_train,
-        folds,
-        weights=cfg.weights,
-        model_params=cfg.model_params,
-        random_state=cfg.random_state,
-        n_jobs=cfg.n_jobs,
-    )
-    ensemble = train_final(
-        X_train,
-        y_train,
-        decision_threshold=cv.decision_threshold,
-        weights=cfg.weights,
-        model_params=cfg.model_params,
-        random_state=cfg.random_state,
-        n_jobs=cfg.n_jobs,
-    )
-    positive_rate = float(y_train.mean())
+    steps, data, tasks = plan_fits(X, y, cfg)
+    results = map_tasks(fit_and_predict, data, tasks, executor, description="model fits")
+    record = out_of_sample_record(X.index, data.y, steps, results[:-1], cfg.horizon)
+    production = results[-1].model
+    assert production is not None  # keep_model=True
+    # Every out-of-sample label is known at data.end: production's threshold uses them all, as a next step would.
+    positions = X.index.get_indexer(record["timestamp"])
+    production.set_params(decision_threshold=choose_threshold(data.y[positions], record["p_up"].to_numpy()))
     return TrainingResult(
         settings=cfg,
-        ensemble=ensemble,
-        cv=cv,
-        split=split,
+        ensemble=production,
+        steps=steps,
+        record=record,
+        step_fingerprints=[fit.fingerprint for fit in results[:-1]],
         feature_names=tuple(X.columns),
-        train_positive_rate=positive_rate,
-        metrics=build_train_metrics(cv, split, positive_rate),
-        feature_reference=feature_reference(X_train),
+        train_index=X.index,
+        train_positive_rate=float(y.mean()),
+        feature_reference=feature_reference(X),
     )
 
 
-def _describe_validation(result: TrainingResult) -> str:
-    cfg, split = result.settings, result.split
+def duration_text(duration: pd.Timedelta) -> str:
+    """A step length as params.yaml writes it ("30D", "12h")."""
+    days, remainder = divmod(duration, pd.Timedelta(days=1))
+    return f"{days}D" if remainder == pd.Timedelta(0) else to_offset(duration).freqstr
+
+
+def _describe_validation(cfg: TrainingSettings, steps: Sequence[Step]) -> str:
+    scored = sum(step.scored for step in steps)
     return (
-        f"purged walk-forward CV: {len(result.cv.folds)} expanding-window folds on the training rows, "
-        f"each validation fold preceded by a gap of {cfg.horizon + cfg.embargo} rows "
-        f"(label horizon {cfg.horizon} + embargo {cfg.embargo}); the last {len(split.holdout)} rows "
-        f"(split.holdout={cfg.holdout}) are held out, after the same gap, for the evaluate stage"
+        f"walk-forward replay of the retrain policy: {scored} steps of retrain.every={duration_text(cfg.every)} over the evaluation span "
+        f"(split.holdout={cfg.holdout}) after {len(steps) - scored} warm-up step(s); each step fitted on every earlier row "
+        f"but a purge gap of {cfg.horizon + cfg.embargo} rows (label horizon {cfg.horizon} + embargo {cfg.embargo}), "
+        "with a decision threshold chosen on earlier out-of-sample predictions; production fitted on every labelled row"
     )
 
 
@@ -296,7 +384,7 @@ def build_training_metadata(
     library_versions: Mapping[str, str],
 ) -> dict[str, Any]:
     """models/training/training_metadata.json; every outside fact (time, git, hash) is passed in."""
-    split = result.split
+    scored = result.record[result.record["scored"]]
     return rounded_json(
         {
             "created_at": created_at,
@@ -305,23 +393,21 @@ def build_training_metadata(
             "status": "training",
             "feature_manager_version": feature_manager_version,
             "feature_names": list(result.feature_names),
-            "individual_models": [name for name in result.cv.scores if name != ENSEMBLE],
+            "individual_models": [name for name in result.ensemble.weights_],
             "model_weights": dict(result.ensemble.weights_),
             "decision_threshold": result.decision_threshold,
-            "performance_metrics": result.cv.mean_scores(ENSEMBLE),
             "training_info": {
-                "samples_count": len(split.train),
-                "holdout_samples": len(split.holdout),
-                "purged_samples": split.purged_rows,
+                "samples_count": len(result.train_index),
                 "positive_rate": result.train_positive_rate,
                 "label": {"horizon": result.settings.horizon, "threshold": result.settings.threshold},
-                "validation_method": _describe_validation(result),
-                "data_start": split.train_start_time.isoformat(),
-                "data_end": split.train_end_time.isoformat(),
-                "holdout_start": split.holdout_start_time.isoformat(),
-                "holdout_end": split.holdout_end_time.isoformat(),
+                "validation_method": _describe_validation(result.settings, result.steps),
+                "data_start": result.train_index[0].isoformat(),
+                "data_end": result.train_index[-1].isoformat(),
+                "evaluation_start": scored["timestamp"].iloc[0].isoformat(),
+                "evaluation_end": scored["timestamp"].iloc[-1].isoformat(),
                 "last_retrain": created_at,
             },
+            "walk_forward": {"every": duration_text(result.settings.every), "steps": result.step_summaries()},
             "version_control": {
                 "git_commit": git_commit,
                 "model_hash": model_hash,
