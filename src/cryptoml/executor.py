@@ -1,0 +1,260 @@
+"""One executor for many independent fits: joblib processes on this machine, or a Dask cluster.
+
+A setting may change where work runs, never what it computes. A task is `function(shared, task)`, a
+pure function of explicit data, defined at module level so that a worker process can import it. In
+this project it is a seeded single-process fit whose thread count comes from the model params
+(ProductionEnsemble `n_jobs`), not from the worker it lands on, so the same task gives the same
+bytes on any worker; `map_tasks` returns the results in task order whichever executor ran them.
+Because tasks are pure, running one again is safe: a task whose worker dies is re-run elsewhere (by
+the Dask scheduler, or here by resubmitting the unfinished tasks to a fresh joblib pool).
+
+Data moves once. `shared` (the feature matrix and labels, a few MB) is sent once per run, never per
+task: on Dask it is scattered to every worker (`broadcast=True`) and each task carries its future;
+locally it is dumped once with joblib and each task opens that file memory-mapped (read-only arrays,
+one copy in the page cache for all processes). A task carries only the function's reference, the
+task and that handle; `TransferStats` has the sizes and `map_tasks` logs them.
+
+The Dask workers must run the same pinned environment (requirements.lock and this package), as the
+task functions are imported, not shipped. `function` must not modify `shared`: locally its arrays
+are read-only; on Dask the tasks of one worker share one copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+
+import cloudpickle
+import joblib
+from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+from cryptoml.console import progress
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+T = TypeVar("T")
+R = TypeVar("R")
+
+SCHEDULER_ENV = "CRYPTOML_DASK_SCHEDULER"
+KINDS = ("local", "dask")
+# Local pools replaced after a worker process died, before the run gives up (Dask's own default,
+# distributed.scheduler.allowed-failures, is 3 too): a task that kills its worker every time fails the run.
+LOCAL_POOL_RESTARTS = 3
+
+
+class ExecutorError(RuntimeError):
+    """The work could not be run where the settings say (unreachable scheduler, workers lost)."""
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Where tasks run. `workers`: local joblib processes (None: one per CPU); `scheduler`: the Dask address."""
+
+    kind: Literal["local", "dask"] = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    connect_timeout: float = 5.0  # seconds to reach the scheduler: a wrong address fails at once
+    worker_timeout: float = 60.0  # seconds to wait for the scheduler's first worker
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"executor.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+            raise ValueError(f"executor.workers must be a whole number >= 1 or null (one per CPU), got {self.workers!r}")
+        if self.kind == "dask" and not self.scheduler:
+            raise ValueError(
+                f"executor.kind is 'dask' but no scheduler address is given: set executor.scheduler or {SCHEDULER_ENV} "
+                "(e.g. tcp://host:8786)"
+            )
+
+
+def executor_settings(
+    kind: str, workers: int | None, scheduler: str | None, environ: Mapping[str, str] = os.environ
+) -> ExecutorSettings:
+    """Settings from params; CRYPTOML_DASK_SCHEDULER=tcp://host:8786 selects Dask at that address and wins over them.
+
+    The variable lets one run use a cluster without editing params.yaml, which is safe because the
+    results do not depend on where they are computed.
+    """
+    from_environment = environ.get(SCHEDULER_ENV, "").strip()
+    if from_environment:
+        return ExecutorSettings(kind="dask", workers=workers, scheduler=from_environment)
+    return ExecutorSettings(kind=kind, workers=workers, scheduler=scheduler)  # kind is checked in __post_init__
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What a run sent to its workers: the shared data once per copy, and a small payload per task."""
+
+    where: str
+    tasks: int
+    shared_bytes: int  # pickled size of `shared`
+    shared_copies: int  # 0 in-process, 1 memory-mapped file locally, one per worker on Dask
+    task_bytes: int  # pickled size of all task payloads (function reference, shared handle, task)
+
+    @property
+    def bytes_per_task(self) -> float:
+        return self.task_bytes / self.tasks if self.tasks else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.tasks} tasks on {self.where}; shared data {self.shared_bytes} bytes sent {self.shared_copies} time(s), "
+            f"{self.bytes_per_task:.0f} bytes per task"
+        )
+
+
+@dataclass(frozen=True)
+class TaskRun(Generic[R]):
+    results: list[R]
+    transfer: TransferStats
+
+
+def map_tasks(
+    function: Callable[[S, T], R], shared: S, tasks: Sequence[T], settings: ExecutorSettings, *, description: str
+) -> list[R]:
+    """Run function(shared, task) for every task; results in task order, identical whatever the executor."""
+    return run_tasks(function, shared, tasks, settings, description=description).results
+
+
+def run_tasks(
+    function: Callable[[S, T], R], shared: S, tasks: Sequence[T], settings: ExecutorSettings, *, description: str
+) -> TaskRun[R]:
+    """`map_tasks` with the transfer figures of the run (for benchmarks and tests)."""
+    if settings.kind == "dask":
+        run = _run_on_dask(function, shared, tasks, settings, description)
+    elif _local_workers(settings) == 1:
+        run = _run_in_process(function, shared, tasks, description)
+    else:
+        run = _run_on_local_pool(function, shared, tasks, _local_workers(settings), description)
+    log.info("%s: %s", description, run.transfer.describe())
+    return run
+
+
+def _local_workers(settings: ExecutorSettings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+def _pickled_size(value: object) -> int:
+    """Bytes of the value as the workers receive it (joblib's loky and Dask both pickle with cloudpickle)."""
+    return len(cloudpickle.dumps(value))
+
+
+def _task_bytes(function: Callable[..., object], handle: object, tasks: Sequence[object]) -> int:
+    return sum(_pickled_size((function, handle, task)) for task in tasks)
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+
+def _run_in_process(function: Callable[[S, T], R], shared: S, tasks: Sequence[T], description: str) -> TaskRun[R]:
+    """workers=1: no pool and nothing sent, the tasks run one after the other in this process."""
+    results: list[R] = []
+    with progress(description, total=len(tasks)) as advance:
+        for task in tasks:
+            results.append(function(shared, task))
+            advance(1)
+    return TaskRun(results, TransferStats("local, in-process", len(tasks), _pickled_size(shared), 0, 0))
+
+
+# --- local joblib pool --------------------------------------------------------------------------
+
+
+def call_with_shared_file(function: Callable[[S, T], R], shared_file: str, task: T) -> R:
+    """Worker side of a local task: the shared data memory-mapped from the file written once for the run."""
+    return function(joblib.load(shared_file, mmap_mode="r"), task)
+
+
+@contextmanager
+def _shared_file(shared: object) -> Iterator[str]:
+    """`shared` dumped once for the run, removed after it; numpy arrays in it are memory-mapped by each task."""
+    with tempfile.TemporaryDirectory(prefix="cryptoml-shared-") as directory:
+        path = str(Path(directory) / "shared.joblib")
+        joblib.dump(shared, path)
+        yield path
+
+
+def _run_on_local_pool(
+    function: Callable[[S, T], R], shared: S, tasks: Sequence[T], workers: int, description: str
+) -> TaskRun[R]:
+    """joblib processes (loky); when a worker process dies, the unfinished tasks go to a fresh pool."""
+    results: list[R] = []
+    with _shared_file(shared) as path, progress(description, total=len(tasks)) as advance:
+        for restart in range(LOCAL_POOL_RESTARTS + 1):
+            pending = tasks[len(results) :]
+            pool = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator")
+            try:
+                for result in pool(joblib.delayed(call_with_shared_file)(function, path, task) for task in pending):
+                    results.append(result)
+                    advance(1)
+                break
+            except TerminatedWorkerError as exc:
+                if restart == LOCAL_POOL_RESTARTS:
+                    raise ExecutorError(
+                        f"{description}: local worker processes died {restart + 1} times; task {len(results)} of "
+                        f"{len(tasks)} was never completed: {exc}"
+                    ) from exc
+                log.warning("%s: a local worker process died; re-running the %d unfinished tasks", description, len(pending))
+        transfer = TransferStats(
+            f"local, {workers} processes", len(tasks), _pickled_size(shared), 1, _task_bytes(function, path, tasks)
+        )
+    return TaskRun(results, transfer)
+
+
+# --- Dask ---------------------------------------------------------------------------------------
+
+
+def _connect(settings: ExecutorSettings) -> Client:
+    """A client of the scheduler with at least one worker; Dask is imported here, so local runs never load it."""
+    from distributed import Client
+
+    where = f"the Dask scheduler at {settings.scheduler} ({SCHEDULER_ENV} / params executor.scheduler)"
+    try:
+        client = Client(settings.scheduler, timeout=settings.connect_timeout, set_as_default=False)
+    except (OSError, ValueError) as exc:
+        raise ExecutorError(f"cannot reach {where} within {settings.connect_timeout:g} s: {exc}") from exc
+    try:
+        client.wait_for_workers(1, timeout=settings.worker_timeout)
+    except (OSError, TimeoutError) as exc:
+        client.close()
+        raise ExecutorError(f"{where} has no worker after {settings.worker_timeout:g} s: {exc}") from exc
+    return client
+
+
+def _run_on_dask(
+    function: Callable[[S, T], R], shared: S, tasks: Sequence[T], settings: ExecutorSettings, description: str
+) -> TaskRun[R]:
+    """Scatter `shared` to every worker once, one future per task; the scheduler re-runs the tasks of a dead worker."""
+    from distributed import KilledWorker, as_completed
+
+    with _connect(settings) as client:
+        workers = len(client.scheduler_info()["workers"])
+        [shared_future] = client.scatter([shared], broadcast=True)
+        futures = client.map(function, [shared_future] * len(tasks), tasks)
+        with progress(description, total=len(tasks)) as advance:
+            for _ in as_completed(futures, loop=client.loop):
+                advance(1)
+        try:
+            results: list[R] = client.gather(futures)
+        except KilledWorker as exc:
+            raise ExecutorError(
+                f"{description}: a task was running on Dask workers that died too often "
+                f"(distributed.scheduler.allowed-failures) at {settings.scheduler}: {exc}"
+            ) from exc
+        transfer = TransferStats(
+            f"dask {settings.scheduler}, {workers} workers",
+            len(tasks),
+            _pickled_size(shared),
+            workers,
+            _task_bytes(function, shared_future.key, tasks),
+        )
+    return TaskRun(results, transfer)
