@@ -61,7 +61,7 @@ def main() -> None:
         runs["dask"] = timed(ExecutorSettings(kind="dask", scheduler=scheduler), shared, seeds)
     else:
         with LocalCluster(
-            n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster:
             runs["dask"] = timed(ExecutorSettings(kind="dask", scheduler=cluster.scheduler_address), shared, seeds)
     for name, (run, seconds) in runs.items():

@@ -37,7 +37,7 @@ from joblib.externals.loky.process_executor import TerminatedWorkerError
 from cryptoml.console import progress
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Future
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ KINDS = ("local", "dask")
 # Local pools replaced after a worker process died, before the run gives up (Dask's own default,
 # distributed.scheduler.allowed-failures, is 3 too): a task that kills its worker every time fails the run.
 LOCAL_POOL_RESTARTS = 3
+# Times the shared data is scattered again after its last copy died with the Dask workers that held it.
+DASK_RESCATTERS = 3
 
 
 class ExecutorError(RuntimeError):
@@ -214,47 +216,81 @@ def _run_on_local_pool(
 
 
 def _connect(settings: ExecutorSettings) -> Client:
-    """A client of the scheduler with at least one worker; Dask is imported here, so local runs never load it."""
+    """A client of the scheduler; Dask is imported here, so local runs never load it."""
     from distributed import Client
 
-    where = f"the Dask scheduler at {settings.scheduler} ({SCHEDULER_ENV} / params executor.scheduler)"
     try:
-        client = Client(settings.scheduler, timeout=settings.connect_timeout, set_as_default=False)
+        return Client(settings.scheduler, timeout=settings.connect_timeout, set_as_default=False)
     except (OSError, ValueError) as exc:
-        raise ExecutorError(f"cannot reach {where} within {settings.connect_timeout:g} s: {exc}") from exc
+        raise ExecutorError(f"cannot reach {_scheduler_named(settings)} within {settings.connect_timeout:g} s: {exc}") from exc
+
+
+def _scheduler_named(settings: ExecutorSettings) -> str:
+    return f"the Dask scheduler at {settings.scheduler} ({SCHEDULER_ENV} / params executor.scheduler)"
+
+
+def _scatter_to_every_worker(client: Client, shared: object, settings: ExecutorSettings) -> tuple[Future, int]:
+    """One copy of `shared` on each worker (after waiting for the first one), and how many workers got it."""
     try:
         client.wait_for_workers(1, timeout=settings.worker_timeout)
-    except (OSError, TimeoutError) as exc:
-        client.close()
-        raise ExecutorError(f"{where} has no worker after {settings.worker_timeout:g} s: {exc}") from exc
-    return client
+    except TimeoutError as exc:
+        raise ExecutorError(f"{_scheduler_named(settings)} has no worker after {settings.worker_timeout:g} s") from exc
+    # hash=False: a new key each time, so data scattered again after a loss never meets the forgotten key.
+    [future] = client.scatter([shared], broadcast=True, hash=False)
+    return future, len(client.nthreads())
 
 
 def _run_on_dask(
     function: Callable[[S, T], R], shared: S, tasks: Sequence[T], settings: ExecutorSettings, description: str
 ) -> TaskRun[R]:
-    """Scatter `shared` to every worker once, one future per task; the scheduler re-runs the tasks of a dead worker."""
-    from distributed import KilledWorker, as_completed
+    """Scatter `shared` to every worker once, then one future per task.
 
-    with _connect(settings) as client:
-        workers = len(client.scheduler_info()["workers"])
-        [shared_future] = client.scatter([shared], broadcast=True)
-        futures = client.map(function, [shared_future] * len(tasks), tasks)
-        with progress(description, total=len(tasks)) as advance:
-            for _ in as_completed(futures, loop=client.loop):
-                advance(1)
-        try:
-            results: list[R] = client.gather(futures)
-        except KilledWorker as exc:
+    The scheduler itself re-runs the tasks of a worker that died, on a worker that still holds the
+    data. Only when the last copy of the data died too are the unfinished tasks (cancelled by Dask)
+    submitted again with the data scattered anew, at most DASK_RESCATTERS times.
+    """
+    from distributed import as_completed
+
+    results: dict[int, R] = {}
+    pending = list(range(len(tasks)))
+    copies = task_bytes = 0
+    with _connect(settings) as client, progress(description, total=len(tasks)) as advance:
+        for scatter in range(DASK_RESCATTERS + 1):
+            if scatter:
+                log.warning("%s: the shared data died with its last Dask worker; %d tasks resubmitted", description, len(pending))
+            shared_future, workers = _scatter_to_every_worker(client, shared, settings)
+            pending_tasks = [tasks[index] for index in pending]
+            futures = client.map(function, [shared_future] * len(pending), pending_tasks)
+            copies += workers
+            task_bytes += _task_bytes(function, shared_future.key, pending_tasks)
+            for future in as_completed(futures, loop=client.loop):
+                if future.status == "error":
+                    _raise_task_error(future, description, settings)
+                if future.status == "finished":
+                    advance(1)
+            finished = {index: future for index, future in zip(pending, futures, strict=True) if future.status == "finished"}
+            results.update(zip(finished, client.gather(list(finished.values()))))
+            pending = [index for index in pending if index not in results]
+            if not pending:
+                break
+        else:
             raise ExecutorError(
-                f"{description}: a task was running on Dask workers that died too often "
-                f"(distributed.scheduler.allowed-failures) at {settings.scheduler}: {exc}"
-            ) from exc
-        transfer = TransferStats(
-            f"dask {settings.scheduler}, {workers} workers",
-            len(tasks),
-            _pickled_size(shared),
-            workers,
-            _task_bytes(function, shared_future.key, tasks),
-        )
-    return TaskRun(results, transfer)
+                f"{description}: {len(pending)} tasks lost their shared data {DASK_RESCATTERS + 1} times "
+                f"on {_scheduler_named(settings)}"
+            )
+    where = f"dask {settings.scheduler}, {workers} workers"
+    transfer = TransferStats(where, len(tasks), _pickled_size(shared), copies, task_bytes)
+    return TaskRun([results[index] for index in range(len(tasks))], transfer)
+
+
+def _raise_task_error(future: Future, description: str, settings: ExecutorSettings) -> None:
+    """The failed task's own exception, as a local run raises it; ExecutorError if its workers kept dying."""
+    from distributed import KilledWorker
+
+    try:
+        future.result()
+    except KilledWorker as exc:
+        raise ExecutorError(
+            f"{description}: a task was running on Dask workers that died too often "
+            f"(distributed.scheduler.allowed-failures) at {settings.scheduler}: {exc}"
+        ) from exc
