@@ -71,7 +71,8 @@ class ExecutorSettings:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"executor.kind must be one of {list(KINDS)}, got {self.kind!r}")
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1):
+        whole = isinstance(self.workers, int) and not isinstance(self.workers, bool)
+        if self.workers is not None and not (whole and self.workers >= 1):
             raise ValueError(f"executor.workers must be a whole number >= 1 or null (one per CPU), got {self.workers!r}")
         if self.kind == "dask" and not self.scheduler:
             raise ValueError(
@@ -102,7 +103,7 @@ class TransferStats:
     tasks: int
     shared_bytes: int  # pickled size of `shared`
     shared_copies: int  # 0 in-process, 1 memory-mapped file locally, one per worker on Dask
-    task_bytes: int  # pickled size of all task payloads (function reference, shared handle, task)
+    task_bytes: int  # pickled size of all task payloads (function reference, shared handle, task), resubmissions included
 
     @property
     def bytes_per_task(self) -> float:
@@ -190,9 +191,11 @@ def _run_on_local_pool(
 ) -> TaskRun[R]:
     """joblib processes (loky); when a worker process dies, the unfinished tasks go to a fresh pool."""
     results: list[R] = []
+    task_bytes = 0
     with _shared_file(shared) as path, progress(description, total=len(tasks)) as advance:
         for restart in range(LOCAL_POOL_RESTARTS + 1):
-            pending = tasks[len(results) :]
+            pending = tasks[len(results) :]  # results come in task order: the unfinished tasks are the tail
+            task_bytes += _task_bytes(function, path, pending)
             pool = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator")
             try:
                 for result in pool(joblib.delayed(call_with_shared_file)(function, path, task) for task in pending):
@@ -205,11 +208,9 @@ def _run_on_local_pool(
                         f"{description}: local worker processes died {restart + 1} times; task {len(results)} of "
                         f"{len(tasks)} was never completed: {exc}"
                     ) from exc
-                log.warning("%s: a local worker process died; re-running the %d unfinished tasks", description, len(pending))
-        transfer = TransferStats(
-            f"local, {workers} processes", len(tasks), _pickled_size(shared), 1, _task_bytes(function, path, tasks)
-        )
-    return TaskRun(results, transfer)
+                unfinished = len(tasks) - len(results)
+                log.warning("%s: a local worker process died; the %d unfinished tasks go to a new pool", description, unfinished)
+    return TaskRun(results, TransferStats(f"local, {workers} processes", len(tasks), _pickled_size(shared), 1, task_bytes))
 
 
 # --- Dask ---------------------------------------------------------------------------------------
