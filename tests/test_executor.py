@@ -224,8 +224,9 @@ def test_an_unreachable_scheduler_fails_at_once_naming_the_address() -> None:
 # --- settings ----------------------------------------------------------------------------------------
 
 
-def test_the_environment_selects_dask_over_the_params(scheduler: str) -> None:
-    settings = executor_settings("local", 2, None, environ={SCHEDULER_ENV: scheduler})
+def test_the_environment_selects_dask_over_the_params(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SCHEDULER_ENV, scheduler)
+    settings = executor_settings("local", 2, None)
     assert settings == ExecutorSettings(kind="dask", workers=2, scheduler=scheduler)
     shared = random_rows(300)
     assert map_tasks(seeded_projection, shared, WINDOWS, settings, description="env") == [

@@ -14,9 +14,15 @@ locally it is dumped once with joblib and each task opens that file memory-mappe
 one copy in the page cache for all processes). A task carries only the function's reference, the
 task and that handle; `TransferStats` has the sizes and `map_tasks` logs them.
 
+Where: `executor_settings` turns params (kind, workers, scheduler) into ExecutorSettings, and
+CRYPTOML_DASK_SCHEDULER=tcp://host:8786 in the environment selects Dask at that address over them. An
+unreachable scheduler is an ExecutorError naming the address after `connect_timeout` seconds; there is
+no fall-back to local work.
+
 The Dask workers must run the same pinned environment (requirements.lock and this package), as the
-task functions are imported, not shipped. `function` must not modify `shared`: locally its arrays
-are read-only; on Dask the tasks of one worker share one copy.
+task functions are imported, not shipped; start them with one thread each (`dask worker ADDRESS
+--nthreads 1 --nworkers N`), since each fit brings its own threads. `function` must not modify
+`shared`: locally its arrays are read-only; on Dask the tasks of one worker share one copy.
 """
 
 from __future__ import annotations
