@@ -178,9 +178,13 @@ def _run_in_process(function: Callable[[S, T], R], shared: S, tasks: Sequence[T]
 # --- local joblib pool --------------------------------------------------------------------------
 
 
-def call_with_shared_file(function: Callable[[S, T], R], shared_file: str, task: T) -> R:
-    """Worker side of a local task: the shared data memory-mapped from the file written once for the run."""
-    return function(joblib.load(shared_file, mmap_mode="r"), task)
+def call_with_shared_file(function: Callable[[S, T], R], shared_file: str, numbered_task: tuple[int, T]) -> tuple[int, R]:
+    """Worker side of a local task: the shared data memory-mapped from the file written once for the run.
+
+    Returns the task's number with its result, as results arrive in the order the tasks finish.
+    """
+    number, task = numbered_task
+    return number, function(joblib.load(shared_file, mmap_mode="r"), task)
 
 
 @contextmanager
@@ -196,27 +200,28 @@ def _run_on_local_pool(
     function: Callable[[S, T], R], shared: S, tasks: Sequence[T], workers: int, description: str
 ) -> TaskRun[R]:
     """joblib processes (loky); when a worker process dies, the unfinished tasks go to a fresh pool."""
-    results: list[R] = []
+    results: dict[int, R] = {}
     task_bytes = 0
     with _shared_file(shared) as path, progress(description, total=len(tasks)) as advance:
         for restart in range(LOCAL_POOL_RESTARTS + 1):
-            pending = tasks[len(results) :]  # results come in task order: the unfinished tasks are the tail
+            pending = [(number, task) for number, task in enumerate(tasks) if number not in results]
             task_bytes += _task_bytes(function, path, pending)
-            pool = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator")
+            pool = joblib.Parallel(n_jobs=workers, backend="loky", return_as="generator_unordered")
             try:
-                for result in pool(joblib.delayed(call_with_shared_file)(function, path, task) for task in pending):
-                    results.append(result)
+                for number, result in pool(joblib.delayed(call_with_shared_file)(function, path, item) for item in pending):
+                    results[number] = result
                     advance(1)
                 break
             except TerminatedWorkerError as exc:
+                unfinished = len(tasks) - len(results)
                 if restart == LOCAL_POOL_RESTARTS:
                     raise ExecutorError(
-                        f"{description}: local worker processes died {restart + 1} times; task {len(results)} of "
-                        f"{len(tasks)} was never completed: {exc}"
+                        f"{description}: local worker processes died {restart + 1} times; "
+                        f"{unfinished} of {len(tasks)} tasks never completed: {exc}"
                     ) from exc
-                unfinished = len(tasks) - len(results)
                 log.warning("%s: a local worker process died; the %d unfinished tasks go to a new pool", description, unfinished)
-    return TaskRun(results, TransferStats(f"local, {workers} processes", len(tasks), _pickled_size(shared), 1, task_bytes))
+    transfer = TransferStats(f"local, {workers} processes", len(tasks), _pickled_size(shared), 1, task_bytes)
+    return TaskRun([results[number] for number in range(len(tasks))], transfer)
 
 
 # --- Dask ---------------------------------------------------------------------------------------
