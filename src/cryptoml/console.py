@@ -79,6 +79,6 @@ def progress(description: str, total: int | None = None) -> Iterator[Callable[[i
 
 
 def progress_line(description: str, done: int, total: int, elapsed: float) -> str:
-    """A line such as "fit: 3/10 done, 4.2 s elapsed, ETA 9.8 s"; the ETA assumes the remaining steps take as long as the done ones."""
+    """A line such as "fit: 3/10 done, 4.2 s elapsed, ETA 9.8 s"; the ETA assumes the remaining steps take as long as the done."""
     remaining = elapsed / done * (total - done) if done else float("nan")
     return f"{description}: {done}/{total} done, {elapsed:.1f} s elapsed, ETA {remaining:.1f} s"

@@ -281,7 +281,7 @@ def _run_on_dask(
                 if future.status == "finished":
                     advance(1)
             finished = {index: future for index, future in zip(pending, futures, strict=True) if future.status == "finished"}
-            results.update(zip(finished, client.gather(list(finished.values()))))
+            results.update(zip(finished, client.gather(list(finished.values())), strict=True))
             pending = [index for index in pending if index not in results]
             if not pending:
                 break
