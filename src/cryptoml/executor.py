@@ -124,6 +124,8 @@ class TransferStats:
 
 @dataclass(frozen=True)
 class TaskRun(Generic[R]):
+    """The results in task order and what it took to send the work (what a benchmark prints)."""
+
     results: list[R]
     transfer: TransferStats
 
