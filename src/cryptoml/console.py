@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 log = logging.getLogger("cryptoml")
 
@@ -36,18 +46,26 @@ def configure_logging(verbose: bool = False) -> None:
 
 @contextmanager
 def progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`; draws a bar only when stdout is a terminal, otherwise logs the total at the end."""
+    """Yield `advance(n)`; draws a bar (with an ETA when `total` is known) only when stdout is a terminal.
+
+    Otherwise, with a known `total`, logs one line per advance (done/total, elapsed, ETA) so a long run in
+    CI or a dvc log shows it is alive; without one, logs the count at the end.
+    """
     done = 0
     if not interactive():
+        started = time.monotonic()
 
         def count(n: int) -> None:
             nonlocal done
             done += n
+            if total:
+                log.info("%s", progress_line(description, done, total, time.monotonic() - started))
 
         yield count
         log.info("%s: %d done", description, done)
         return
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()] if total is not None else [TimeElapsedColumn()]
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(description, total=total)
 
@@ -58,3 +76,9 @@ def progress(description: str, total: int | None = None) -> Iterator[Callable[[i
 
         yield advance
     log.info("%s: %d done", description, done)
+
+
+def progress_line(description: str, done: int, total: int, elapsed: float) -> str:
+    """A line such as "fit: 3/10 done, 4.2 s elapsed, ETA 9.8 s"; the ETA assumes the remaining steps take as long as the done."""
+    remaining = elapsed / done * (total - done) if done else float("nan")
+    return f"{description}: {done}/{total} done, {elapsed:.1f} s elapsed, ETA {remaining:.1f} s"
