@@ -1,4 +1,4 @@
-"""Provenance from git: which commit made a model, and (later) the history of production versions."""
+"""Provenance from git: which commit made a model, and which commits recorded a production model."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class RegistryError(ValueError):
 class ProductionVersion:
     """One production model as recorded in git by the promote stage (metrics/promotion.json)."""
 
-    commit: str  # the commit that recorded it in production: what `cryptoml rollback` takes
+    commit: str  # the commit that recorded it in production
     date: str
     model_hash: str
     source_commit: str | None  # the commit whose code and params made it (its metadata's git_commit)
@@ -82,8 +82,20 @@ def _read_at(rev: str, path: Path, cwd: Path) -> dict | None:
         return None
 
 
-def history(promotion_file: Path, cwd: Path = Path(".")) -> list[ProductionVersion]:
-    """Every production version, oldest first: the commits where the recorded production model changed."""
+def _production_version(sha: str, date: str, production: dict) -> ProductionVersion:
+    return ProductionVersion(
+        commit=sha,
+        date=date,
+        model_hash=production["model_hash"],
+        source_commit=production.get("git_commit"),
+        metrics=dict(production.get("metrics", {})),
+        data_start=production.get("data_start"),
+        data_end=production.get("data_end"),
+    )
+
+
+def production_changes(promotion_file: Path, cwd: Path = Path(".")) -> list[ProductionVersion]:
+    """The commits where the recorded production model changed, oldest first (a scan of git, not the registry)."""
     log_lines = _git(["log", "--reverse", "--format=%H %cI", "--", promotion_file.as_posix()], cwd) or ""
     versions: list[ProductionVersion] = []
     for line in log_lines.splitlines():
@@ -91,18 +103,18 @@ def history(promotion_file: Path, cwd: Path = Path(".")) -> list[ProductionVersi
         production = production_record(_read_at(sha, promotion_file, cwd) or {})
         if production is None or (versions and versions[-1].model_hash == production["model_hash"]):
             continue
-        versions.append(
-            ProductionVersion(
-                commit=sha,
-                date=date,
-                model_hash=production["model_hash"],
-                source_commit=production.get("git_commit"),
-                metrics=dict(production.get("metrics", {})),
-                data_start=production.get("data_start"),
-                data_end=production.get("data_end"),
-            )
-        )
+        versions.append(_production_version(sha, date, production))
     return versions
+
+
+def production_at(rev: str, promotion_file: Path, cwd: Path = Path(".")) -> ProductionVersion | None:
+    """The production model `rev` records, or None when it records none."""
+    line = _git(["log", "-1", "--format=%H %cI", rev], cwd)
+    production = production_record(_read_at(rev, promotion_file, cwd) or {}) if line else None
+    if line is None or production is None:
+        return None
+    sha, date = line.split(" ", 1)
+    return _production_version(sha, date, production)
 
 
 def recorded_production(rev: str, promotion_file: Path, cwd: Path = Path(".")) -> dict:
@@ -122,10 +134,10 @@ def _rollback_hint(rev: str, promotion_file: Path, cwd: Path) -> str:
     A model is made before the commit that records it, so the two differ and only the latter has its dvc.lock.
     """
     sha = _git(["rev-parse", f"{rev}^{{commit}}"], cwd)
-    recorded_at = [version.commit for version in history(promotion_file, cwd) if version.source_commit == sha]
+    recorded_at = [version.commit for version in production_changes(promotion_file, cwd) if version.source_commit == sha]
     if recorded_at:
         return f"; it is the git_commit of the model recorded at {recorded_at[-1]}: roll back to that commit"
-    return "; `cryptoml history` lists the commits that recorded a production model"
+    return "; `cryptoml history` lists the registered versions and the commits that recorded them"
 
 
 def restore_files(rev: str, files: tuple[Path, ...], cwd: Path = Path(".")) -> None:
