@@ -209,16 +209,17 @@ def _volume_ratio(volume: np.ndarray, period: int, first_row: int, ratio: np.nda
 
 def _utc_timestamps(timestamps: pd.Series) -> pd.Series:
     """Timestamps as a bot has them, as tz-aware UTC: datetimes with a time zone, ccxt's integer epoch
-    milliseconds, or ISO 8601 strings with an explicit offset. Naive times are refused: their instant is a guess."""
+    milliseconds, or ISO 8601 strings with an explicit offset (parsed ones in nanoseconds, like the pipeline's
+    candles). Naive times are refused: their instant is a guess."""
     if isinstance(timestamps.dtype, pd.DatetimeTZDtype):
         return timestamps
     if pd.api.types.is_integer_dtype(timestamps.dtype):
-        return pd.to_datetime(timestamps, unit="ms", utc=True)
+        return pd.to_datetime(timestamps, unit="ms", utc=True).dt.as_unit("ns")
     is_text = pd.api.types.is_string_dtype(timestamps.dtype) or pd.api.types.is_object_dtype(timestamps.dtype)
     if is_text and timestamps.map(lambda value: isinstance(value, str)).all():
         naive = ~timestamps.str.contains(_EXPLICIT_OFFSET, regex=True)
         if not naive.any():
-            return pd.to_datetime(timestamps, utc=True, format="ISO8601")
+            return pd.to_datetime(timestamps, utc=True, format="ISO8601").dt.as_unit("ns")
         row = int(np.argmax(naive.to_numpy()))
         raise ValueError(
             f"timestamp must be tz-aware UTC datetimes, got dtype {timestamps.dtype}: row {row} ({timestamps.iloc[row]!r}) "
