@@ -1,11 +1,12 @@
 """`cryptoml rollback`: put a registered version (or the model of any commit) back into production, safely.
 
-Nothing in the workspace changes until every byte of the target is at hand and verified: the target's
-models/production is checked out in a temporary git worktree that shares this repository's DVC cache (with
-`pull`, fetched from the DVC remote into that cache first), each file is checked against the manifest's sha256
+Nothing in the workspace changes until every byte of the target is at hand and verified: the outputs of the
+target's dvc.lock are checked out in a temporary git worktree that shares this repository's DVC cache (with
+`pull`, fetched from the DVC remote into that cache first); each models/production file is checked against the manifest's sha256
 (files no manifest lists, against their content-addressed names) and the model hash against the one git
 recorded. Only then are dvc.lock, params.yaml, metrics/ and plots/ restored from the target's commit and the
-model swapped in with promotion's reader-safe swap. When anything fails before that, the workspace is
+model swapped in with promotion's reader-safe swap; `dvc checkout` then brings the other outputs (data,
+models/training) from the cache. When anything fails before the swap, the workspace is
 byte-identical and the error says what was missing and where it was looked for.
 """
 
@@ -120,16 +121,16 @@ def _verified_files(directory: Path, target: RollbackTarget) -> VersionFiles:
 def fetch_version(target: RollbackTarget, pull: bool, cwd: Path = Path(".")) -> VersionFiles:
     """Every byte of the target's models/production, from the DVC cache (or the remote with `pull`), verified."""
     with _worktree(target.commit, cwd) as tree:
-        try:
-            dvc(["pull" if pull else "checkout", paths.PRODUCTION_DIR.as_posix()], tree)
+        try:  # every output of the target's dvc.lock, so the pipeline is up to date after the rollback
+            dvc(["pull" if pull else "checkout"], tree)
         except RegistryError as exc:
             cache = dvc(["cache", "dir"], cwd).strip()
             where = f"nor in the {_default_remote(tree)}" if pull else (
                 f"(not fetched: retry with `cryptoml rollback {target.label} --pull` to fetch it from the {_default_remote(tree)})"
             )
             raise RegistryError(
-                f"{paths.PRODUCTION_DIR} of {target.label} (commit {target.commit}, dvc.lock md5 {_locked_hash(target.commit, cwd)}) "
-                f"is not in the DVC cache {cache} {where}. Nothing was changed.\n{exc}"
+                f"the outputs of {target.label} (commit {target.commit}; {paths.PRODUCTION_DIR}: dvc.lock md5 "
+                f"{_locked_hash(target.commit, cwd)}) are not all in the DVC cache {cache} {where}. Nothing was changed.\n{exc}"
             ) from None
         try:
             return _verified_files(tree / paths.PRODUCTION_DIR, target)
@@ -178,5 +179,7 @@ def run_rollback(target_name: str, pull: bool = False, cwd: Path = Path(".")) ->
     except BaseException:
         _put_back(snapshot, ROLLBACK_FILES, cwd)
         raise
+    # The other outputs (data, models/training) from the cache the check above filled: `dvc status` is then clean.
+    dvc(["checkout"], cwd)
     return before, target
 
