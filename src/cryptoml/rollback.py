@@ -25,9 +25,9 @@ from typing import Any
 import yaml
 
 from cryptoml import paths
-from cryptoml.artifacts import MANIFEST_NAME, ArtifactError, is_component_file, read_artifacts, read_unlisted_component
+from cryptoml.artifacts import MANIFEST_NAME, ArtifactError, ModelArtifacts, is_component_file, read_artifacts, read_unlisted_component
 from cryptoml.promotion import METADATA_NAME, install_model
-from cryptoml.registry import RegistryError, _git, dvc, production_record, recorded_production, restore_files
+from cryptoml.registry import RegistryError, dvc, git_output, production_record, recorded_production, restore_files
 from cryptoml.versions import MODEL_ARTIFACT, resolve_version
 
 # What git keeps of a version: the lock, its params, and the uncached (cache: false) metrics and plots.
@@ -50,13 +50,13 @@ def resolve_target(target: str, cwd: Path = Path(".")) -> RollbackTarget:
             raise RegistryError(f"{target}: no such version of {MODEL_ARTIFACT} is registered (git tag {MODEL_ARTIFACT}@...); `cryptoml history` lists them")
         commit = version.commit
     else:
-        commit = _git(["rev-parse", "--verify", "--quiet", f"{target}^{{commit}}"], cwd) or target
+        commit = git_output(["rev-parse", "--verify", "--quiet", f"{target}^{{commit}}"], cwd) or target
     return RollbackTarget(target, commit, recorded_production(commit, paths.PROMOTION_METRICS, cwd))
 
 
 def _locked_hash(commit: str, cwd: Path) -> str:
     """The hash dvc.lock at `commit` records for models/production (the DVC cache object looked for)."""
-    lock = yaml.safe_load(_git(["show", f"{commit}:dvc.lock"], cwd) or "") or {}
+    lock = yaml.safe_load(git_output(["show", f"{commit}:dvc.lock"], cwd) or "") or {}
     for stage in lock.get("stages", {}).values():
         for out in stage.get("outs", []):
             if out.get("path") == paths.PRODUCTION_DIR.as_posix():
@@ -78,7 +78,7 @@ def _worktree(commit: str, cwd: Path) -> Iterator[Path]:
     cache = dvc(["cache", "dir"], cwd).strip()
     with tempfile.TemporaryDirectory(prefix="cryptoml-rollback-") as scratch:
         tree = Path(scratch) / "tree"
-        if _git(["worktree", "add", "--detach", "--quiet", str(tree), commit], cwd) is None:
+        if git_output(["worktree", "add", "--detach", "--quiet", str(tree), commit], cwd) is None:
             raise RegistryError(f"git worktree add of {commit} failed in {cwd.resolve()}")
         try:
             local_config = cwd / ".dvc" / "config.local"
@@ -87,14 +87,14 @@ def _worktree(commit: str, cwd: Path) -> Iterator[Path]:
             dvc(["cache", "dir", "--local", cache], tree)
             yield tree
         finally:
-            _git(["worktree", "remove", "--force", str(tree)], cwd)
+            git_output(["worktree", "remove", "--force", str(tree)], cwd)
 
 
 @dataclass(frozen=True)
 class VersionFiles:
     """A version's models/production, verified: the model, its metadata and the kept files of its predecessor."""
 
-    artifacts: Any  # artifacts.ModelArtifacts
+    artifacts: ModelArtifacts
     metadata: bytes | None
     companions: dict[str, bytes]
 
@@ -155,7 +155,7 @@ def _put_back(snapshot: dict[Path, bytes], files: tuple[Path, ...], cwd: Path) -
     for path, data in snapshot.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    _git(["reset", "--quiet", "--", *(entry.as_posix() for entry in files)], cwd)
+    git_output(["reset", "--quiet", "--", *(entry.as_posix() for entry in files)], cwd)
 
 
 def current_production(cwd: Path = Path(".")) -> dict[str, Any] | None:

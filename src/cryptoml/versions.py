@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from cryptoml import paths
-from cryptoml.registry import ProductionVersion, RegistryError, _git, production_at, production_changes
+from cryptoml.registry import ProductionVersion, RegistryError, git_output, production_at, production_changes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _gto() -> Any:
 
 def declares_artifact(rev: str, cwd: Path) -> bool:
     """Whether dvc.yaml at `rev` declares the production model (only such commits can be fetched by name)."""
-    text = _git(["show", f"{rev}:{DVC_YAML}"], cwd)
+    text = git_output(["show", f"{rev}:{DVC_YAML}"], cwd)
     artifacts = (yaml.safe_load(text) or {}).get("artifacts") if text else None
     declared = (artifacts or {}).get(MODEL_ARTIFACT) or {}
     return declared.get("path") == paths.PRODUCTION_DIR.as_posix()
@@ -78,7 +78,7 @@ def declares_artifact(rev: str, cwd: Path) -> bool:
 
 def _feature_spec_md5(rev: str, cwd: Path) -> str | None:
     """The hash dvc.lock at `rev` records for the feature specification's source (any stage that depends on it)."""
-    text = _git(["show", f"{rev}:dvc.lock"], cwd)
+    text = git_output(["show", f"{rev}:dvc.lock"], cwd)
     stages = (yaml.safe_load(text) or {}).get("stages", {}) if text else {}
     for stage in stages.values():
         for dep in stage.get("deps", []):
@@ -137,7 +137,7 @@ def _wait_for_a_new_second(cwd: Path) -> None:
 
 
 def _latest_assignment_time(cwd: Path) -> int | None:
-    lines = _git(["for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{MODEL_ARTIFACT}#{PROD_STAGE}#*"], cwd)
+    lines = git_output(["for-each-ref", "--format=%(taggerdate:unix)", f"refs/tags/{MODEL_ARTIFACT}#{PROD_STAGE}#*"], cwd)
     stamps = [int(line) for line in (lines or "").split() if line.isdigit()]
     return max(stamps) if stamps else None
 
@@ -171,13 +171,13 @@ def _register_round(cwd: Path, result: Registration) -> None:
 
 def _sync_tags(remote: str, cwd: Path) -> None:
     """The remote's registry tags win over local ones of the same name (another run may have pushed first)."""
-    if _git(["fetch", "--quiet", "--force", remote, f"+refs/tags/{MODEL_ARTIFACT}*:refs/tags/{MODEL_ARTIFACT}*"], cwd) is None:
+    if git_output(["fetch", "--quiet", "--force", remote, f"+refs/tags/{MODEL_ARTIFACT}*:refs/tags/{MODEL_ARTIFACT}*"], cwd) is None:
         raise RegistryError(f"git fetch of the {MODEL_ARTIFACT} tags from remote {remote!r} in {cwd.resolve()} failed")
 
 
 def _unpushed_tags(remote: str, cwd: Path) -> list[str]:
-    local = (_git(["tag", "--list", f"{MODEL_ARTIFACT}*"], cwd) or "").split()
-    listed = _git(["ls-remote", "--tags", remote, f"refs/tags/{MODEL_ARTIFACT}*"], cwd)
+    local = (git_output(["tag", "--list", f"{MODEL_ARTIFACT}*"], cwd) or "").split()
+    listed = git_output(["ls-remote", "--tags", remote, f"refs/tags/{MODEL_ARTIFACT}*"], cwd)
     if listed is None:
         raise RegistryError(f"git ls-remote --tags {remote} failed in {cwd.resolve()}: is the remote reachable?")
     pushed = {line.split("refs/tags/", 1)[1].removesuffix("^{}") for line in listed.splitlines()}
@@ -204,8 +204,8 @@ def register(cwd: Path = Path("."), push_to: str | None = None) -> Registration:
         if not push_to:
             return result
         tags = _unpushed_tags(push_to, cwd)
-        if not tags or _git(["push", "--quiet", "--atomic", push_to, *(f"refs/tags/{tag}" for tag in tags)], cwd) is not None:
+        if not tags or git_output(["push", "--quiet", "--atomic", push_to, *(f"refs/tags/{tag}" for tag in tags)], cwd) is not None:
             return result
         log.warning("pushing %s to %s was rejected (another run pushed first): reading the registry again", tags, push_to)
-        _git(["tag", "--delete", *tags], cwd)
+        git_output(["tag", "--delete", *tags], cwd)
     raise RegistryError(f"the {MODEL_ARTIFACT} tags kept changing during {_ATTEMPTS} attempts to register in {cwd.resolve()}")
