@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.registry import RegistryError, history, recorded_production
+from cryptoml.registry import RegistryError, production_changes, recorded_production
 from tests.repo import commit_all, make_repo, run, set_params
 from tests.test_train_e2e import FAST_TRAINING
 
@@ -95,6 +95,7 @@ def release(repo: Path, changes: dict[str, Any], name: str) -> Version:
     run(["dvc", "repro"], repo)
     commit = commit_all(repo, f"{name}: outputs")
     run(["dvc", "push"], repo)
+    run(["cryptoml", "register"], repo)
     return snapshot(repo, commit)
 
 
@@ -140,17 +141,16 @@ def test_second_repro_runs_nothing_and_tree_stays_clean(story: Story) -> None:
     assert_clean(story.repo)
 
 
-def test_history_lists_both_versions_oldest_first(story: Story) -> None:
-    versions = history(PROMOTION, cwd=story.repo)
-    assert [(v.commit, v.model_hash) for v in versions] == [
+def test_history_lists_both_registered_versions_oldest_first(story: Story) -> None:
+    changes = production_changes(PROMOTION, cwd=story.repo)
+    assert [(v.commit, v.model_hash) for v in changes] == [
         (story.v1.commit, story.v1.model_hash),
         (story.v2.commit, story.v2.model_hash),
     ]
-    assert versions[1].metrics == story.v2.production["metrics"]
-    listing = run(["cryptoml", "history"], story.repo).stdout
-    v1_at = listing.index(story.v1.commit[:10])
-    assert story.v1.model_hash[7:25] in listing[v1_at:].splitlines()[0]
-    assert listing.index(story.v2.commit[:10]) > v1_at
+    assert changes[1].metrics == story.v2.production["metrics"]
+    listing = run(["cryptoml", "history"], story.repo).stdout.splitlines()[1:]
+    assert [line.split()[:2] for line in listing] == [["v1.0.0", story.v1.commit[:10]], ["v1.1.0", "prod"]]
+    assert story.v1.model_hash[7:25] in listing[0] and story.v2.commit[:10] in listing[1]
 
 
 def test_info_shows_v2_and_v1_as_its_previous_version(story: Story) -> None:
@@ -246,7 +246,7 @@ def test_fresh_clone_pulls_the_production_model_and_rolls_back_with_pull(story: 
     assert model.model_sha256_ == metadata["model_sha256"] == story.v2.model_hash
     assert production_files(clone) == story.v2.files
     without_pull = run(["cryptoml", "rollback", story.v1.commit], clone, check=False)
-    assert without_pull.returncode == 1 and "cryptoml rollback --pull" in without_pull.stderr
+    assert without_pull.returncode == 1 and f"cryptoml rollback {story.v1.commit} --pull" in without_pull.stderr
     run(["cryptoml", "rollback", story.v1.commit, "--pull"], clone)
     assert production_files(clone) == story.v1.files
 
@@ -259,7 +259,7 @@ def test_rollback_restores_v1_byte_for_byte_and_a_clean_pipeline(story: Story) -
     rollback_commit = commit_all(story.repo, "roll back to v1")
     assert_clean(story.repo)
     assert "Running stage" not in run(["dvc", "repro"], story.repo).stdout
-    assert [(v.commit, v.model_hash) for v in history(PROMOTION, cwd=story.repo)][1:] == [
+    assert [(v.commit, v.model_hash) for v in production_changes(PROMOTION, cwd=story.repo)][1:] == [
         (story.v2.commit, story.v2.model_hash),
         (rollback_commit, story.v1.model_hash),
     ]

@@ -17,7 +17,7 @@ from cryptoml.cli import app
 from tests.repo import BIN, REPO_ROOT, run
 
 WORKFLOWS_DIR = REPO_ROOT / ".github" / "workflows"
-WORKFLOWS = ("ci.yml", "pr-review.yml", "weekly-retrain.yml")
+WORKFLOWS = ("ci.yml", "pr-review.yml", "register.yml", "weekly-retrain.yml")
 CHECKSUM_ENV = {"AWS_REQUEST_CHECKSUM_CALCULATION": "WHEN_REQUIRED", "AWS_RESPONSE_CHECKSUM_VALIDATION": "WHEN_REQUIRED"}
 
 
@@ -104,6 +104,18 @@ def test_weekly_retrain_is_scheduled_manual_exclusive_and_opens_a_pull_request()
     assert "--push" in retrain_step["run"] and "--pr-body" in retrain_step["run"]
     assert "gh pr create" in scripts(workflow) and "--body-file" in scripts(workflow)
     assert any(step.get("uses", "").startswith("actions/upload-artifact") for step in job["steps"])
+
+
+def test_register_runs_on_pushes_to_main_one_at_a_time_and_pushes_the_tags() -> None:
+    workflow = load("register.yml")
+    assert triggers(workflow)["push"]["branches"] == ["main"]
+    assert workflow["concurrency"]["cancel-in-progress"] is False and workflow["concurrency"]["group"]
+    assert workflow["permissions"] == {"contents": "write"}
+    [job] = workflow["jobs"].values()
+    assert job["steps"][0]["with"]["fetch-depth"] == 0
+    [line] = re.findall(r"cryptoml register.*", scripts(workflow))
+    register_options = {opt for param in get_command(app).commands["register"].params for opt in param.opts}
+    assert line == "cryptoml register --push origin" and "--push" in register_options
 
 
 @pytest.fixture()

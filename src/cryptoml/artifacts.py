@@ -361,6 +361,20 @@ def read_oos_predictions(directory: Path) -> bytes | None:
     return payloads.get(OOS_PREDICTIONS)
 
 
+def read_unlisted_component(path: Path) -> bytes:
+    """The bytes of a component file no manifest lists (a previous model's, which a promotion keeps for readers),
+    only if they match its content-addressed name: such a file has no manifest entry to check it against."""
+    data = path.read_bytes()
+    digest = sha256_digest(data)
+    if not any(_component_file_name(model_name, digest) == path.name for model_name in COMPONENT_SUFFIXES):
+        raise ArtifactError(f"{path}: its sha256 {digest} does not match its content-addressed name (modified, or not a model file)")
+    return data
+
+
+def is_component_file(name: str) -> bool:
+    return _COMPONENT_FILE_NAME.fullmatch(name) is not None
+
+
 def listed_component_files(directory: Path) -> frozenset[str]:
     """The component files the directory's manifest lists; none when it has no valid manifest to load."""
     path = Path(directory) / MANIFEST_NAME

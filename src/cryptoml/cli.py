@@ -192,40 +192,77 @@ def monitor(
 @app.command()
 @_command
 def history() -> None:
-    """List every production version recorded in git (oldest first)."""
-    from cryptoml.registry import history as production_history
+    """List the registered versions of the production model (GTO tags), oldest first, and where `prod` is."""
+    from cryptoml.versions import MODEL_ARTIFACT, registered_versions
 
-    versions = production_history(paths.PROMOTION_METRICS)
+    versions = registered_versions()
     if not versions:
-        typer.echo(f"no production model recorded in the git history of {paths.PROMOTION_METRICS}")
+        typer.echo(f"no version of {MODEL_ARTIFACT} is registered: `cryptoml register` tags the production models of git history")
         return
-    typer.echo("commit      date                       model sha256          roc_auc  brier   mcc     data window")
+    typer.echo("version   stage  commit      registered                 model sha256        roc_auc  brier   mcc     data window")
     for v in versions:
-        m = v.metrics
+        m = v.record.metrics if v.record else {}
+        window = f"{v.record.data_start} .. {v.record.data_end}" if v.record else "(no production record at this commit)"
         typer.echo(
-            f"{v.commit[:10]}  {v.date:<25}  {v.model_hash[7:25]}  "
-            f"{m.get('roc_auc', float('nan')):.4f}   {m.get('brier', float('nan')):.4f}  "
-            f"{m.get('mcc', float('nan')):.4f}  {v.data_start} .. {v.data_end}"
+            f"{v.version:<9} {','.join(v.stages):<6} {v.commit[:10]}  {v.registered_at:<25}  {(v.model_hash or '')[7:25]:<18}  "
+            f"{m.get('roc_auc', float('nan')):.4f}   {m.get('brier', float('nan')):.4f}  {m.get('mcc', float('nan')):.4f}  {window}"
         )
 
 
 @app.command()
 @_command
-def rollback(
-    rev: Annotated[str, typer.Argument(help="git revision whose production model to restore")],
-    pull: Annotated[bool, typer.Option("--pull", help="fetch the outputs from the DVC remote")] = False,
+def register(
+    push: Annotated[str | None, typer.Option("--push", help="fetch the registry tags from this git remote first, push new ones to it")] = None,
 ) -> None:
-    """Restore REV's production model: its dvc.lock, params, metrics and plots, then dvc checkout (sha256 verified)."""
-    from cryptoml.pipeline import ROLLBACK_FILES, run_rollback
+    """Tag every new production model of HEAD's history as a version (GTO) and assign `prod` to HEAD's model.
 
-    before, after = run_rollback(rev, pull=pull)
+    Idempotent: a second run creates nothing. A model that already has a version only gets `prod` again (a rollback).
+    """
+    from cryptoml.versions import register as register_versions
+
+    result = register_versions(push_to=push)
+    for tag in result.created:
+        typer.echo(f"created {tag}")
+    typer.echo(f"prod: {result.prod or 'no production model at HEAD'}" + ("" if result.created else " (nothing to do)"))
+
+
+@app.command()
+@_command
+def rollback(
+    target: Annotated[str, typer.Argument(help="registered version (v1.2.0) or git revision whose production model to restore")],
+    pull: Annotated[bool, typer.Option("--pull", help="fetch the model from the DVC remote when the cache lacks it")] = False,
+) -> None:
+    """Restore TARGET's production model, dvc.lock, params, metrics and plots; verified before anything changes."""
+    from cryptoml.rollback import ROLLBACK_FILES, run_rollback
+
+    before, after = run_rollback(target, pull=pull)
+    production = after.production
     old = before["model_hash"] if before else "none"
-    typer.echo(f"production model: {old} -> {after['model_hash']} (made at commit {after['git_commit']})")
-    for key, value in after["metrics"].items():
+    typer.echo(f"production model: {old} -> {production['model_hash']} (made at commit {production['git_commit']})")
+    for key, value in production["metrics"].items():
         previous = before["metrics"].get(key) if before else None
         typer.echo(f"  {key:>10}: {previous} -> {value}")
     restored = ", ".join(path.as_posix() for path in ROLLBACK_FILES)
-    typer.echo(f"{restored} are restored from {rev}: review and commit them.")
+    typer.echo(f"{restored} are restored from {target} ({after.commit}): review, commit and push; `cryptoml register` then assigns prod.")
+
+
+@app.command("pull-model")
+@_command
+def pull_model(
+    repo: Annotated[str, typer.Option("--repo", help="git URL of the model repository (its GTO tags and DVC remote)")],
+    to: Annotated[Path, typer.Option("--to", help="the bot's model directory, swapped reader-safely")],
+    stage: Annotated[str, typer.Option("--stage", help="registry stage to follow")] = "prod",
+    remote: Annotated[str | None, typer.Option("--remote", help="DVC remote of the repository to download from")] = None,
+    remote_config: Annotated[list[str] | None, typer.Option("--remote-config", help="KEY=VALUE for that remote (repeatable)")] = None,
+) -> None:
+    """Make TO serve the model of STAGE (dvc artifacts get, verified, swapped); nothing is written when it already does."""
+    from cryptoml.deploy import pull_model as run_pull
+
+    result = run_pull(repo, to, stage=stage, remote=remote, remote_config=remote_config or ())
+    if result.changed:
+        typer.echo(f"{to}: {result.previous_sha256 or 'no model'} -> {result.model_sha256} ({stage})")
+    else:
+        typer.echo(f"{to}: already serves {result.model_sha256} ({stage}); nothing changed")
 
 
 @app.command()

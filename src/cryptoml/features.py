@@ -18,6 +18,8 @@ no value is ever filled in. Each row uses only candles at or before it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 import pandas as pd
@@ -26,6 +28,10 @@ from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_PARAMS, FEATURE_VERSION
 
 PRICE_COLUMNS: tuple[str, ...] = ("high", "low", "close")
 REQUIRED_COLUMNS: tuple[str, ...] = ("timestamp", *PRICE_COLUMNS, "volume")
+# The row layout of ccxt's fetch_ohlcv: [epoch milliseconds, open, high, low, close, volume].
+CCXT_OHLCV_COLUMNS: tuple[str, ...] = ("timestamp", "open", "high", "low", "close", "volume")
+# An ISO 8601 time with an explicit UTC offset ("...Z", "...+00:00", "...+0900"): the instant is unambiguous.
+_EXPLICIT_OFFSET = r"(?:Z|[+-]\d{2}:?\d{2})$"
 
 # Candles the live path recomputes from. Its seeds differ from the batch state by at most about the price and decay
 # by the filter's factor per row up to the first returned row (window row LIVE_WINDOW - 1): EMA50 (49/51)**950 ~ 3e-17,
@@ -201,6 +207,38 @@ def _volume_ratio(volume: np.ndarray, period: int, first_row: int, ratio: np.nda
         ratio[window] = volume[row] / mean if mean > 0.0 else 1.0
 
 
+def _utc_timestamps(timestamps: pd.Series) -> pd.Series:
+    """Timestamps as a bot has them, as tz-aware UTC: datetimes with a time zone, ccxt's integer epoch
+    milliseconds, or ISO 8601 strings with an explicit offset (parsed ones in nanoseconds, like the pipeline's
+    candles). Naive times are refused: their instant is a guess."""
+    if isinstance(timestamps.dtype, pd.DatetimeTZDtype):
+        return timestamps
+    if pd.api.types.is_integer_dtype(timestamps.dtype):
+        return pd.to_datetime(timestamps, unit="ms", utc=True).dt.as_unit("ns")
+    is_text = pd.api.types.is_string_dtype(timestamps.dtype) or pd.api.types.is_object_dtype(timestamps.dtype)
+    if is_text and timestamps.map(lambda value: isinstance(value, str)).all():
+        naive = ~timestamps.str.contains(_EXPLICIT_OFFSET, regex=True)
+        if not naive.any():
+            return pd.to_datetime(timestamps, utc=True, format="ISO8601").dt.as_unit("ns")
+        row = int(np.argmax(naive.to_numpy()))
+        raise ValueError(
+            f"timestamp must be tz-aware UTC datetimes, got dtype {timestamps.dtype}: row {row} ({timestamps.iloc[row]!r}) "
+            "has no UTC offset (write it as '2024-01-01T00:00:00Z' or '+00:00'), or give ccxt's epoch milliseconds"
+        )
+    raise ValueError(
+        f"timestamp must be tz-aware UTC datetimes, got dtype {timestamps.dtype} "
+        "(also accepted: ccxt's integer epoch milliseconds, ISO 8601 strings with an explicit offset)"
+    )
+
+
+def candle_frame(candles: pd.DataFrame | Sequence[Sequence[float]]) -> pd.DataFrame:
+    """A frame of candles from ccxt's fetch_ohlcv rows ([ms, open, high, low, close, volume], oldest first);
+    a frame is returned as it is."""
+    if isinstance(candles, pd.DataFrame):
+        return candles
+    return pd.DataFrame(list(candles), columns=list(CCXT_OHLCV_COLUMNS))
+
+
 def _columns(ohlcv: pd.DataFrame) -> tuple[pd.DatetimeIndex, dict[str, np.ndarray]]:
     """The timestamps and float64 input columns, checked: the I/O edge of this module."""
     has_time_index = isinstance(ohlcv.index, pd.DatetimeIndex) and ohlcv.index.name == "timestamp"
@@ -211,9 +249,7 @@ def _columns(ohlcv: pd.DataFrame) -> tuple[pd.DatetimeIndex, dict[str, np.ndarra
             f"candles are missing column(s) {missing}; need {list(REQUIRED_COLUMNS)} "
             "(timestamp as a column or as a DatetimeIndex named 'timestamp')"
         )
-    timestamps = ohlcv["timestamp"] if "timestamp" in ohlcv.columns else ohlcv.index.to_series()
-    if not isinstance(timestamps.dtype, pd.DatetimeTZDtype):
-        raise ValueError(f"timestamp must be tz-aware UTC datetimes, got dtype {timestamps.dtype}")
+    timestamps = _utc_timestamps(ohlcv["timestamp"] if "timestamp" in ohlcv.columns else ohlcv.index.to_series())
     index = pd.DatetimeIndex(timestamps, name="timestamp").tz_convert("UTC")
     nanoseconds = index.asi8
     not_after_previous = nanoseconds[1:] <= nanoseconds[:-1]
@@ -255,13 +291,15 @@ class FeatureManager:
         """Rows dropped at the start: the first output row is input row `warmup_rows`."""
         return max(_lookbacks().values())
 
-    def generate_features(self, ohlcv: pd.DataFrame) -> pd.DataFrame:
+    def generate_features(self, ohlcv: pd.DataFrame | Sequence[Sequence[float]]) -> pd.DataFrame:
         """The FEATURE_NAMES columns (float64) for input rows warmup_rows.., indexed by UTC timestamp.
 
-        Accepts the candle frame (timestamp column) or a frame indexed by a DatetimeIndex named timestamp.
-        Raises ValueError naming missing columns, invalid values, or too few rows.
+        Accepts the candle frame (timestamp column) or a frame indexed by a DatetimeIndex named timestamp; its
+        timestamps may also be ccxt's epoch milliseconds or ISO strings with an explicit UTC offset. ccxt's
+        fetch_ohlcv rows are accepted as they are. Raises ValueError naming missing columns, invalid values,
+        naive times, or too few rows.
         """
-        index, columns = _columns(ohlcv)
+        index, columns = _columns(candle_frame(ohlcv))
         warmup = self.warmup_rows
         if len(index) <= warmup:
             raise ValueError(f"need at least {warmup + 1} candles to get one feature row; got {len(index)}")
@@ -297,7 +335,7 @@ class FeatureManager:
         _volume_ratio(volume, _param("volume_ratio"), warmup, feature["volume_ratio"], scratch)
         return pd.DataFrame(block.T, index=index[warmup:], columns=list(FEATURE_NAMES), copy=False)
 
-    def generate_latest(self, ohlcv: pd.DataFrame, n_rows: int = 1) -> pd.DataFrame:
+    def generate_latest(self, ohlcv: pd.DataFrame | Sequence[Sequence[float]], n_rows: int = 1) -> pd.DataFrame:
         """Features of the last n_rows candles, from only the last LIVE_WINDOW + n_rows - 1 of them.
 
         Equal to generate_features on the full history for those rows (to ~1e-9 relative; see LIVE_WINDOW). Pass
@@ -311,4 +349,4 @@ class FeatureManager:
                 f"generate_latest needs the last {needed} candles (LIVE_WINDOW={LIVE_WINDOW} + n_rows={n_rows} - 1) "
                 f"to match batch features; got {len(ohlcv)}"
             )
-        return self.generate_features(ohlcv.iloc[-needed:]).iloc[-n_rows:]
+        return self.generate_features(candle_frame(ohlcv).iloc[-needed:]).iloc[-n_rows:]

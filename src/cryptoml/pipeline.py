@@ -26,7 +26,7 @@ from cryptoml.timeframe import parse_timeframe
 from cryptoml.io import atomic_path, write_json_atomic
 from cryptoml.labels import make_labels
 from cryptoml.promotion import Decision, compare_with_champion, decide, promote, read_production_metadata
-from cryptoml.registry import RegistryError, dvc, recorded_production, restore_files, source_commit
+from cryptoml.registry import source_commit
 from cryptoml.training import (
     FitSettings,
     TrainingSettings,
@@ -292,31 +292,3 @@ def run_promote(params: Params) -> Decision:
         log.info("  %s", reason)
     return decision
 
-
-# What git keeps of a version: the lock, its params, and the uncached (cache: false) metrics and plots.
-ROLLBACK_FILES = (Path("dvc.lock"), paths.PARAMS, paths.METRICS_DIR, paths.PLOTS_DIR)
-
-
-def run_rollback(rev: str, pull: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """Restore the production model of git revision `rev` through its dvc.lock; return (before, after) records.
-
-    ROLLBACK_FILES come back from `rev` so `dvc status` agrees with the restored outputs;
-    `dvc checkout` (or `dvc pull` with `pull`) restores the bytes, and the model hash is verified.
-    """
-    target = recorded_production(rev, paths.PROMOTION_METRICS)
-    before = production_record(read_production_metadata(paths.PRODUCTION_DIR))
-    restore_files(rev, ROLLBACK_FILES)
-    try:
-        dvc(["pull"] if pull else ["checkout"])
-    except RegistryError as exc:
-        raise RegistryError(
-            f"{exc}\nThe files of {rev} are restored but its outputs are not in the local cache: "
-            "retry with `cryptoml rollback --pull` (needs the DVC remote), or undo with "
-            f"`git checkout HEAD -- {' '.join(path.as_posix() for path in ROLLBACK_FILES)}`"
-        ) from None
-    restored = ProductionEnsemble.load(paths.PRODUCTION_DIR)
-    if restored.model_sha256_ != target["model_hash"]:
-        raise RegistryError(
-            f"restored model {restored.model_sha256_} is not the one {rev} recorded ({target['model_hash']})"
-        )
-    return before, target

@@ -35,7 +35,8 @@ A kill before step 4 leaves the old manifest and every file it lists byte-identi
 leaves the new model complete. Only the metadata can run ahead: between steps 3 and 4 (or after a
 kill there) it describes the challenger while the old model is served. The manifest decides what is
 served, so `read_production_metadata` returns metadata only when it names the served model's hash.
-One promotion at a time: the pipeline runs it as a single DVC stage.
+One promotion at a time: the pipeline runs it as a single DVC stage. Steps 2-5 are `install_model`,
+which `cryptoml rollback` and `cryptoml pull-model` use too.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ from typing import Any
 
 import pandas as pd
 
-from cryptoml.artifacts import MANIFEST_NAME, ArtifactError, listed_component_files, prune_components, read_artifacts
+from cryptoml.artifacts import (
+    MANIFEST_NAME,
+    ArtifactError,
+    ModelArtifacts,
+    listed_component_files,
+    prune_components,
+    read_artifacts,
+)
 from cryptoml.config import GateParams
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.evaluation import classification_metrics
@@ -302,18 +310,42 @@ def promote(training_dir: Path, production_dir: Path, metadata: Mapping[str, Any
         raise PromotionError(f"{training_dir} changed while it was being promoted ({loaded_sha256} then {artifacts.model_sha256})")
     metadata_bytes = _metadata_bytes(metadata, artifacts.model_sha256, training_dir)
 
+    install_model(production_dir, artifacts, metadata_bytes)
+    return artifacts.model_sha256
+
+
+def install_model(
+    production_dir: Path,
+    artifacts: ModelArtifacts,
+    metadata: bytes | None,
+    *,
+    companions: Mapping[str, bytes] | None = None,
+    keep_replaced: bool = True,
+) -> None:
+    """The reader-safe swap (steps 2-5 of the module docstring) that promotion, rollback and pull-model share.
+
+    `artifacts` must be verified (read_artifacts). `companions` are further component files to put beside
+    the model: a rollback restores a DVC-tracked directory exactly as its version recorded it, with the
+    previous model's files its promotion kept. `keep_replaced=False` removes the replaced model's files
+    right after the switch, so the directory then holds exactly the new files; a reader that had read the
+    old manifest finds a file gone, sees the manifest changed and starts over from the new one
+    (artifacts.read_model).
+    """
     production_dir.mkdir(parents=True, exist_ok=True)
     replaced = listed_component_files(production_dir)
+    installed = set(artifacts.files) | set(companions or {})
     is_repeat = replaced == set(artifacts.files)  # nothing becomes "previous", so no component goes
-    keep = set(artifacts.files) | ({path.name for path in production_dir.iterdir()} if is_repeat else replaced)
-    for name, data in artifacts.files.items():
+    keep = installed
+    if keep_replaced:
+        keep |= {path.name for path in production_dir.iterdir()} if is_repeat else replaced
+    for name, data in {**(companions or {}), **artifacts.files}.items():
         write_bytes_atomic(production_dir / name, data)
     _fsync_directory(production_dir)
-    write_bytes_atomic(production_dir / METADATA_NAME, metadata_bytes)
+    if metadata is not None:
+        write_bytes_atomic(production_dir / METADATA_NAME, metadata)
     write_bytes_atomic(production_dir / MANIFEST_NAME, artifacts.manifest)
     _fsync_directory(production_dir)
     prune_components(production_dir, keep)
-    return artifacts.model_sha256
 
 
 def read_production_metadata(production_dir: Path) -> dict[str, Any] | None:

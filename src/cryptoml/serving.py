@@ -21,6 +21,7 @@ bot's process stays small (bench/serve.py measures its peak RSS).
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ import onnxruntime
 from cryptoml.artifacts import MANIFEST_NAME, ONNX_GRAPH, ArtifactError, read_model
 from cryptoml.feature_spec import FEATURE_NAMES
 from cryptoml.paths import PRODUCTION_DIR
+
+log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("onnx", "native")
 BACKEND_ENV = "CRYPTOML_BACKEND"
@@ -156,19 +159,30 @@ class ServingModel:
     Loading checks every file's size and sha256 against the manifest and the feature spec, exactly as
     ProductionEnsemble.load does, and there is no fallback: a model without a graph is an ArtifactError.
     Rows are arrays in FEATURE_NAMES order, or frames whose columns are exactly FEATURE_NAMES.
+    `reload_if_changed()` follows the directory: after a promotion, rollback or `cryptoml pull-model`.
     """
 
-    def __init__(self, graph: OnnxGraph, model_sha256: str, decision_threshold: float, version_info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        graph: OnnxGraph,
+        model_sha256: str,
+        decision_threshold: float,
+        version_info: dict[str, Any],
+        directory: Path | None = None,
+        manifest: bytes = b"",
+    ) -> None:
         self._graph = graph
         self.model_sha256 = model_sha256
         self.decision_threshold = decision_threshold
         self.version_info = version_info
         self.feature_names = list(FEATURE_NAMES)
+        self.directory = directory
+        self._manifest = manifest
 
     @classmethod
     def load(cls, path: Path | None = None) -> ServingModel:
         directory = PRODUCTION_DIR if path is None else Path(path)
-        _, manifest, payloads = read_model(directory, keep=(ONNX_GRAPH,))
+        text, manifest, payloads = read_model(directory, keep=(ONNX_GRAPH,))
         if ONNX_GRAPH not in payloads:
             raise ArtifactError(
                 f"{directory / MANIFEST_NAME}: a {manifest.format} model has no ONNX graph to serve; "
@@ -178,7 +192,29 @@ class ServingModel:
             graph = OnnxGraph.from_stored(payloads[ONNX_GRAPH])
         except Exception as exc:  # onnxruntime and gzip raise their own error types; all mean "unusable file"
             raise ArtifactError(f"{directory / manifest.model.files[ONNX_GRAPH].name}: hash verified but the graph cannot be loaded: {exc}") from exc
-        return cls(graph, manifest.model_sha256, manifest.model.decision_threshold, dict(manifest.version_info))
+        return cls(graph, manifest.model_sha256, manifest.model.decision_threshold, dict(manifest.version_info), directory, text)
+
+    def reload_if_changed(self) -> bool:
+        """Load the directory's model again when its manifest changed; True when another model is now served.
+
+        A swap replaces the manifest last, so a changed manifest means a complete new model. Cheap when nothing
+        changed (one small file read), so a bot can call it before every prediction. A reload that fails (a
+        damaged file, a swap that outran the read) is logged and the current model stays in service: the bot is
+        never left without a model.
+        """
+        if self.directory is None:
+            raise ValueError("this ServingModel was not loaded from a directory (use ServingModel.load) so it cannot reload")
+        try:
+            if (self.directory / MANIFEST_NAME).read_bytes() == self._manifest:
+                return False
+            fresh = ServingModel.load(self.directory)
+        except (ArtifactError, OSError) as exc:
+            log.warning("keeping model %s: reloading %s failed: %s", self.model_sha256, self.directory, exc)
+            return False
+        changed = fresh.model_sha256 != self.model_sha256
+        self._graph, self._manifest = fresh._graph, fresh._manifest
+        self.model_sha256, self.decision_threshold, self.version_info = fresh.model_sha256, fresh.decision_threshold, fresh.version_info
+        return changed
 
     def _rows(self, X: Any) -> np.ndarray:
         columns = getattr(X, "columns", None)

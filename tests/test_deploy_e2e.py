@@ -1,0 +1,269 @@
+"""From the registry to the bot host, under real git, dvc and gto: versions, `prod`, rollback and pull-model.
+
+One story, built once: a repository with a local bare "origin" and a local-directory DVC remote; v1 and v2
+are promoted, committed, pushed and registered. The tests read it in order; the rollback test at the end
+changes it. Every failed rollback or pull is checked byte for byte against the files before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cryptoml.artifacts import MANIFEST_NAME
+from tests.faults import manifest_digest, record_production_check
+from tests.moto_server import S3_ENV, s3_server
+from tests.repo import BIN, commit_all, make_repo, run, set_params
+from tests.test_remote_e2e import OPEN_GATE
+from tests.test_train_e2e import FAST_TRAINING
+
+pytestmark = pytest.mark.e2e
+
+NAME = "signal-model"
+PRODUCTION = Path("models/production")
+# What a rollback may change, and must leave byte-identical when it fails.
+WORKSPACE_FILES = ("models/production", "dvc.lock", "params.yaml", "metrics", "plots")
+
+
+@dataclass(frozen=True)
+class Version:
+    commit: str
+    files: dict[str, bytes]  # models/production
+
+    @property
+    def digest(self) -> str:
+        return manifest_digest(self.files[MANIFEST_NAME])
+
+
+@dataclass(frozen=True)
+class Story:
+    root: Path
+    repo: Path
+    origin: Path
+    v1: Version
+    v2: Version
+
+
+def directory_files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def tree_bytes(root: Path, entries: tuple[str, ...] = WORKSPACE_FILES) -> dict[str, bytes]:
+    """Every file under `entries` of `root`, by relative path."""
+    found = {}
+    for entry in entries:
+        path = root / entry
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                found[file.relative_to(root).as_posix()] = file.read_bytes()
+    return found
+
+
+def release(repo: Path, changes: dict[str, object], name: str) -> Version:
+    """The documented release: commit params, reproduce, commit, push outputs and commits, register with --push."""
+    set_params(repo, changes)
+    commit_all(repo, f"{name}: params")
+    run(["dvc", "repro"], repo)
+    commit = commit_all(repo, f"{name}: outputs")
+    run(["dvc", "push"], repo)
+    run(["git", "push", "-q", "origin", "main"], repo)
+    run(["cryptoml", "register", "--push", "origin"], repo)
+    return Version(commit, directory_files(repo / PRODUCTION))
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory: pytest.TempPathFactory) -> Story:
+    root = tmp_path_factory.mktemp("deploy")
+    origin = root / "origin.git"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
+    repo = make_repo(root, {**FAST_TRAINING, **OPEN_GATE})
+    run(["dvc", "remote", "add", "-d", "local", str(root / "dvc-remote")], repo)
+    commit_all(repo, "DVC remote")
+    run(["git", "remote", "add", "origin", str(origin)], repo)
+    v1 = release(repo, {}, "v1")
+    v2 = release(repo, {"model.random_state": 43}, "v2")
+    assert v1.digest != v2.digest
+    return Story(root, repo, origin, v1, v2)
+
+
+def origin_tags(story: Story) -> dict[str, str]:
+    """Tag name -> the commit it points to, as the origin has them."""
+    lines = run(["git", "ls-remote", "--tags", str(story.origin)], story.root).stdout.splitlines()
+    peeled = {line.split()[1].removeprefix("refs/tags/").removesuffix("^{}"): line.split()[0] for line in lines if line.endswith("^{}")}
+    return peeled
+
+
+def gto_show(repo: Path) -> dict[str, object]:
+    return json.loads(run(["gto", "show", "--json"], repo).stdout)[NAME]
+
+
+def pull_model(story: Story, to: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["cryptoml", "pull-model", "--repo", str(story.origin), "--to", str(to), *extra], story.root, check=check, env=env)
+
+
+def test_register_tags_both_versions_in_gto_format_with_prod_on_v2(story: Story) -> None:
+    tags = origin_tags(story)
+    assert tags == {
+        f"{NAME}@v1.0.0": story.v1.commit,
+        f"{NAME}#prod#1": story.v1.commit,
+        f"{NAME}@v1.1.0": story.v2.commit,
+        f"{NAME}#prod#2": story.v2.commit,
+    }
+    assert {run(["git", "cat-file", "-t", tag], story.repo).stdout.strip() for tag in tags} == {"tag"}  # annotated
+    assert gto_show(story.repo) == {"version": "v1.1.0", "stage": {"prod": "v1.1.0"}, "registered": True, "active": True}
+    listing = run(["cryptoml", "history"], story.repo).stdout.splitlines()
+    assert [line.split()[:2] for line in listing[1:]] == [["v1.0.0", story.v1.commit[:10]], ["v1.1.0", "prod"]]
+
+
+def test_register_again_and_twice_at_once_creates_nothing(story: Story) -> None:
+    before = origin_tags(story)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: run(["cryptoml", "register", "--push", "origin"], story.repo, check=False), range(2)))
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
+    assert all("nothing to do" in result.stdout for result in results)
+    assert origin_tags(story) == before
+
+
+def test_dvc_artifacts_get_of_prod_gives_the_bytes_of_v2(story: Story, tmp_path: Path) -> None:
+    run(["dvc", "artifacts", "get", str(story.origin), NAME, "--stage", "prod", "-o", str(tmp_path / "prod")], tmp_path)
+    assert directory_files(tmp_path / "prod") == story.v2.files
+
+
+@pytest.mark.fault
+def test_a_rollback_to_a_version_missing_from_cache_and_remote_changes_nothing(story: Story, tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(story.origin), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)  # v2 only: v1 is in neither this cache ...
+    empty_remote = tmp_path / "empty-remote"
+    empty_remote.mkdir()
+    run(["dvc", "remote", "add", "--local", "--default", "empty", str(empty_remote)], clone)  # ... nor this remote
+    before = tree_bytes(clone)
+    cache = run(["dvc", "cache", "dir"], clone).stdout.strip()
+    for pull, where in (([], "--pull"), (["--pull"], str(empty_remote))):
+        result = run(["cryptoml", "rollback", "v1.0.0", *pull], clone, check=False)
+        assert result.returncode == 1
+        assert "are not all in the DVC cache" in result.stderr and cache in result.stderr and where in result.stderr, result.stderr
+        assert story.v1.commit in result.stderr and "Nothing was changed" in result.stderr
+        assert tree_bytes(clone) == before
+        record_production_check(clone / PRODUCTION, before=story.v2.digest)
+    assert run(["git", "status", "--porcelain"], clone).stdout == ""
+    assert run(["git", "worktree", "list"], clone).stdout.count("\n") == 1  # the temporary checkout is gone
+
+
+@pytest.mark.fault
+def test_a_pull_from_a_wrong_repo_or_remote_or_without_credentials_leaves_the_directory_intact(story: Story, tmp_path: Path) -> None:
+    bot = tmp_path / "bot"
+    pull_model(story, bot)
+    before = directory_files(bot)
+    assert before == {name: story.v2.files[name] for name in before} and MANIFEST_NAME in before
+    no_credentials = {
+        **{key: "" for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")},
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    with s3_server("cryptoml-bot") as s3:
+        failures = {
+            "wrong repo": run(["cryptoml", "pull-model", "--repo", str(tmp_path / "no-such-repo"), "--to", str(bot)], tmp_path, check=False),
+            "wrong remote": pull_model(story, bot, "--remote-config", f"url={tmp_path / 'no-such-remote'}", check=False),
+            "no credentials": pull_model(
+                story, bot, "--remote-config", "url=s3://cryptoml-bot/dvc", "--remote-config", f"endpointurl={s3.endpoint_url}",
+                env={**S3_ENV, **no_credentials}, check=False,
+            ),
+        }
+    for case, result in failures.items():
+        assert result.returncode == 1, (case, result.stdout, result.stderr)
+        assert f"{bot} is unchanged (it serves sha256:" in result.stderr, (case, result.stderr)
+        assert directory_files(bot) == before, case
+        record_production_check(bot, before=story.v2.digest)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.fault
+def test_sigkill_during_pull_model_leaves_the_old_model_or_the_new_one(story: Story, tmp_path: Path) -> None:
+    template = tmp_path / "template"
+    template.mkdir()
+    for name, data in story.v1.files.items():
+        (template / name).write_bytes(data)
+    command = [str(BIN / "cryptoml"), "pull-model", "--repo", str(story.origin), "--to"]
+    started = time.perf_counter()
+    run([*command, str(tmp_path / "timing")], tmp_path)
+    duration = time.perf_counter() - started
+    outcomes = []
+    for kill_at in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99):
+        bot = Path(shutil.copytree(template, tmp_path / f"bot-{kill_at}"))
+        process = subprocess.Popen([*command, str(bot)], cwd=tmp_path, start_new_session=True, text=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(duration * kill_at)
+        _kill_group(process)
+        outcomes.append(record_production_check(bot, before=story.v1.digest, new=[story.v2.digest]))
+        pull_model(story, bot)  # the next poll completes the swap
+        record_production_check(bot, before=story.v2.digest)
+    print(f"pull-model killed at fractions of its {duration:.1f} s: outcomes {outcomes}")
+
+
+READER = """
+import json, sys, time
+from pathlib import Path
+from cryptoml.serving import ServingModel
+directory, stop, report = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+follower = ServingModel.load(directory)
+loads = failures = reloads = 0
+seen = set()
+while not stop.exists():
+    try:
+        seen.add(ServingModel.load(directory).model_sha256)
+        loads += 1
+    except Exception as exc:
+        failures += 1
+        print(exc, file=sys.stderr)
+    reloads += follower.reload_if_changed()
+    time.sleep(0.01)
+report.write_text(json.dumps({"loads": loads, "failures": failures, "reloads": reloads, "seen": sorted(seen),
+                              "follower": follower.model_sha256}))
+"""
+
+
+def test_a_rollback_reaches_the_bot_within_one_poll_and_the_reader_never_fails(story: Story, tmp_path: Path) -> None:
+    bot = tmp_path / "bot"
+    pull_model(story, bot)
+    v1_hash = json.loads(story.v1.files[MANIFEST_NAME])["model_sha256"]
+    v2_hash = json.loads(story.v2.files[MANIFEST_NAME])["model_sha256"]
+    stop, report = tmp_path / "stop", tmp_path / "report.json"
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(bot), str(stop), str(report)], stderr=subprocess.PIPE, text=True)
+    try:
+        rollback = run(["cryptoml", "rollback", "v1.0.0"], story.repo).stdout
+        assert f"{v2_hash} -> {v1_hash}" in rollback
+        assert directory_files(story.repo / PRODUCTION) == story.v1.files
+        assert run(["dvc", "status", "-q"], story.repo, check=False).returncode == 0
+        commit_all(story.repo, "roll back to v1.0.0")
+        run(["git", "push", "-q", "origin", "main"], story.repo)
+        registered = run(["cryptoml", "register", "--push", "origin"], story.repo).stdout
+        assert f"created {NAME}#prod#v1.0.0" in registered and "@v" not in registered  # no new version
+        assert gto_show(story.repo)["stage"] == {"prod": "v1.0.0"}
+        assert f"-> {v1_hash}" in pull_model(story, bot, "--stage", "prod").stdout  # the bot's next poll
+        assert "nothing changed" in pull_model(story, bot).stdout
+    finally:
+        stop.touch()
+        _, errors = reader.communicate(timeout=60)
+    reads = json.loads(report.read_text())
+    assert reads["failures"] == 0, errors
+    assert reads["loads"] > 0 and reads["follower"] == v1_hash and reads["reloads"] == 1
+    assert set(reads["seen"]) <= {v1_hash, v2_hash}
+    assert (bot / MANIFEST_NAME).read_bytes() == story.v1.files[MANIFEST_NAME]
+    record_production_check(bot, before=story.v1.digest)
