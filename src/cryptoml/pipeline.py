@@ -20,7 +20,7 @@ from cryptoml.data import fetch_candles, read_candles, write_parquet
 from cryptoml.artifacts import MANIFEST_NAME, OOS_PREDICTIONS, ArtifactError, read_model, read_oos_predictions
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.evaluation import evaluate_walk_forward
-from cryptoml.executor import ExecutorSettings
+from cryptoml.executor import ExecutorSettings, executor_settings
 from cryptoml.features import FeatureManager
 from cryptoml.timeframe import parse_timeframe
 from cryptoml.io import atomic_path, write_json_atomic
@@ -98,7 +98,8 @@ def training_settings(params: Params) -> TrainingSettings:
 
 
 def executor(params: Params) -> ExecutorSettings:
-    return ExecutorSettings(kind=params.executor.kind, workers=params.executor.workers, scheduler=params.executor.scheduler)
+    """Where the fits run: params' executor section, or the Dask scheduler CRYPTOML_DASK_SCHEDULER names."""
+    return executor_settings(params.executor.kind, params.executor.workers, params.executor.scheduler)
 
 
 def run_train(params: Params) -> None:
@@ -106,6 +107,7 @@ def run_train(params: Params) -> None:
     features, close = read_training_inputs()
     log.info("training on %d feature rows (walk-forward steps of %s)", len(features), params.retrain.every)
     result = run_training(features, close, training_settings(params), executor(params))
+    log.info("fits: %s", result.transfer.describe())
     commit = source_commit()
     version_info = {
         "git_commit": commit.sha,

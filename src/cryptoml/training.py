@@ -35,7 +35,7 @@ from sklearn.metrics import (
 
 from cryptoml.drift import feature_reference
 from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.executor import ExecutorSettings, map_tasks
+from cryptoml.executor import ExecutorSettings, TransferStats, run_tasks
 from cryptoml.io import METRICS_DECIMALS, rounded_json
 from cryptoml.labels import Holdout, Step, build_dataset, walk_forward_steps
 
@@ -261,6 +261,7 @@ class TrainingResult:
     feature_names: tuple[str, ...]
     train_index: pd.DatetimeIndex
     train_positive_rate: float
+    transfer: TransferStats  # what the fits sent to their workers
     # The distribution of each feature on the rows the model was fitted on, which `cryptoml monitor` compares with.
     feature_reference: dict[str, Any]
 
@@ -335,7 +336,8 @@ def run_training(features: pd.DataFrame, close: pd.Series, cfg: TrainingSettings
     """
     X, y = build_dataset(features, close, cfg.horizon, cfg.threshold)
     steps, data, tasks = plan_fits(X, y, cfg)
-    results = map_tasks(fit_and_predict, data, tasks, executor, description="model fits")
+    run = run_tasks(fit_and_predict, data, tasks, executor, description="model fits")
+    results = run.results
     record = out_of_sample_record(X.index, data.y, steps, results[:-1], cfg.horizon)
     production = results[-1].model
     assert production is not None  # keep_model=True
@@ -351,6 +353,7 @@ def run_training(features: pd.DataFrame, close: pd.Series, cfg: TrainingSettings
         feature_names=tuple(X.columns),
         train_index=X.index,
         train_positive_rate=float(y.mean()),
+        transfer=run.transfer,
         feature_reference=feature_reference(X),
     )
 
