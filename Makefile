@@ -34,7 +34,7 @@ bench: $(STAMP)
 	python bench/features.py
 	python bench/predict.py
 	python bench/serve.py
-	python bench/executor.py
+	python bench/walkforward.py
 
 # CI (after setup): the S3-compatible DVC remote given by the environment (DVC_REMOTE_URL, DVC_REMOTE_ENDPOINT),
 # written to the untracked .dvc/config.local; without DVC_REMOTE_URL the remote in .dvc/config is used.

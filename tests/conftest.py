@@ -1,4 +1,5 @@
-"""Shared fixtures: the real-data folder when present (a user's clone has none); the fault suite's counts."""
+"""Shared fixtures: one reproduced pipeline per session, the real-data folder when present (a user's clone has none);
+the fault suite's counts."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ from typing import Any
 import pytest
 
 from tests.faults import LEDGER
+from tests.repo import reproduce_once
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def reproduced_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's one reproduced pipeline (tests.repo.reproduce_once); tests change copies of it (copy_repo)."""
+    return reproduce_once(tmp_path_factory.mktemp("reproduced"))
 
 
 @pytest.fixture(scope="session")

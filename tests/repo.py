@@ -16,6 +16,25 @@ BIN = Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin"
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
 PIPELINE_DIRS = ("src", "data/external", ".dvc/plots")
 
+# Small but real: three months of hourly candles, weekly walk-forward steps over the last 20% (18 days) and small
+# forests keep each pipeline run to seconds.
+FAST_TRAINING = {
+    "data.start": "2024-01-01T00:00:00Z",
+    "data.end": "2024-04-01T00:00:00Z",
+    "retrain.every": "7D",
+    "model.lightgbm.n_estimators": 20,
+    "model.xgboost.n_estimators": 20,
+    "model.random_forest.n_estimators": 20,
+}
+# Every challenger is promoted: for tests about storage, versions and deployment (the gate has tests of its own).
+OPEN_GATE = {
+    "gate.min_roc_auc": 0.0,
+    "gate.max_brier_ratio": None,
+    "gate.max_log_loss_ratio": None,
+    "gate.champion_tolerance": 1.0,
+    "gate.champion_log_loss_tolerance": 1.0e3,
+}
+
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command with the project's venv first on PATH; on failure show its output in the assertion."""
@@ -65,6 +84,19 @@ def remove_remotes(repo: Path) -> None:
         return
     for line in run(["dvc", "remote", "list", "--project"], repo).stdout.splitlines():
         run(["dvc", "remote", "remove", "--project", line.split()[0]], repo)
+
+
+def reproduce_once(root: Path) -> Path:
+    """FAST_TRAINING with OPEN_GATE, reproduced and committed: the session's one shared pipeline run (copy_repo it)."""
+    repo = make_repo(root, {**FAST_TRAINING, **OPEN_GATE})
+    run(["dvc", "repro"], repo)
+    commit_all(repo, "pipeline outputs")
+    return repo
+
+
+def copy_repo(repo: Path, root: Path) -> Path:
+    """A copy of `repo` (git history, DVC cache and outputs) as `root/repo`, to change without touching the original."""
+    return Path(shutil.copytree(repo, root / "repo", symlinks=True))
 
 
 def commit_all(repo: Path, message: str) -> str:

@@ -11,8 +11,7 @@ from typer.testing import CliRunner
 
 from cryptoml import paths
 from cryptoml.cli import app
-from tests.repo import REPO_ROOT
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import FAST_TRAINING, REPO_ROOT
 
 runner = CliRunner()
 

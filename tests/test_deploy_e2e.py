@@ -23,9 +23,7 @@ import pytest
 from cryptoml.artifacts import MANIFEST_NAME
 from tests.faults import manifest_digest, record_production_check
 from tests.moto_server import S3_ENV, s3_server
-from tests.repo import BIN, commit_all, make_repo, run, set_params
-from tests.test_remote_e2e import OPEN_GATE
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import BIN, commit_all, copy_repo, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -82,11 +80,11 @@ def release(repo: Path, changes: dict[str, object], name: str) -> Version:
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory: pytest.TempPathFactory) -> Story:
+def story(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Story:
     root = tmp_path_factory.mktemp("deploy")
     origin = root / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
-    repo = make_repo(root, {**FAST_TRAINING, **OPEN_GATE})
+    repo = copy_repo(reproduced_repo, root)  # v1's outputs are the session's reproduced pipeline
     run(["dvc", "remote", "add", "-d", "local", str(root / "dvc-remote")], repo)
     commit_all(repo, "DVC remote")
     run(["git", "remote", "add", "origin", str(origin)], repo)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.moto_server import S3_ENV, s3_server
 from tests.repo import REPO_ROOT, commit_all, run
 from tests.test_ensemble import rewrite_model_section
 from tests.test_serving import PARAMS as SMALL_MODELS
+from tests.webhook import unused_port
 
 pytestmark = pytest.mark.e2e
 
@@ -193,11 +193,6 @@ def use_s3_remote(root: Path, endpoint_url: str, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # one connection attempt, not ten seconds of retries
 
 
-def free_port() -> int:
-    """A 127.0.0.1 port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_without_a_remote_the_remote_check_is_red(root: Path) -> None:
@@ -205,7 +200,7 @@ def test_without_a_remote_the_remote_check_is_red(root: Path) -> None:
 
 
 def test_an_unreachable_remote_is_red_with_dvcs_reason(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    endpoint = f"http://127.0.0.1:{free_port()}"
+    endpoint = f"http://127.0.0.1:{unused_port()}"
     use_s3_remote(root, endpoint, monkeypatch)
     detail = red("dvc remote", lambda: doctor.check_remote(root)).detail
     assert f"Could not connect to the endpoint URL: \"{endpoint}/" in detail

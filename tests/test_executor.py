@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from cryptoml.executor import (
     run_tasks,
 )
 from cryptoml.feature_spec import FEATURE_NAMES
+from tests.webhook import unused_port
 
 SMALL_MODEL = {name: {"n_estimators": 5, "max_depth": 3} for name in ("lightgbm", "xgboost", "random_forest")}
 IN_PROCESS = ExecutorSettings(kind="local", workers=1)
@@ -115,11 +115,6 @@ def dask_settings(scheduler: str) -> ExecutorSettings:
     return ExecutorSettings(kind="dask", scheduler=scheduler)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # --- same results everywhere -----------------------------------------------------------------------
@@ -213,7 +208,7 @@ def assert_same_results_when_a_worker_is_killed(settings: ExecutorSettings, mark
 
 @pytest.mark.fault
 def test_an_unreachable_scheduler_fails_at_once_naming_the_address() -> None:
-    address = f"tcp://127.0.0.1:{closed_port()}"
+    address = f"tcp://127.0.0.1:{unused_port()}"
     settings = ExecutorSettings(kind="dask", scheduler=address, connect_timeout=2.0)  # the default is 5 s
     started = time.monotonic()
     with pytest.raises(ExecutorError, match=f"cannot reach the Dask scheduler at {address} .*{SCHEDULER_ENV}"):

@@ -35,7 +35,7 @@ from cryptoml.synthetic import simulate_candles
 from tests.test_cli import workdir, write_params  # noqa: F401 (workdir is a fixture)
 from tests.test_config import raw, with_value  # noqa: F401 (raw is a fixture)
 from tests.test_ensemble import component_files, fit_small, rewrite_model_section
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import FAST_TRAINING
 
 pytestmark = pytest.mark.fault
 

@@ -22,10 +22,9 @@ from cryptoml.alerts import WEBHOOK_ENV
 from cryptoml.artifacts import MANIFEST_NAME
 from tests.faults import manifest_digest, record_production_check, served_model_digest
 from tests.moto_server import S3_ENV, s3_server
-from tests.repo import commit_all, make_repo, run
+from tests.repo import FAST_TRAINING, OPEN_GATE, commit_all, make_repo, run
 from tests.tcp_proxy import cutting_proxy
-from tests.test_remote_e2e import BUCKET, OPEN_GATE, cached_outputs
-from tests.test_train_e2e import FAST_TRAINING
+from tests.test_remote_e2e import BUCKET, cached_outputs
 from tests.webhook import SECRET_PATH, unreachable_url
 
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]

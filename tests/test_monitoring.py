@@ -36,8 +36,8 @@ from cryptoml.promotion import METADATA_NAME
 from cryptoml.synthetic import simulate_candles
 from tests.test_cli import write_params
 from tests.test_serving import write_candles_csv
-from tests.test_train_e2e import FAST_TRAINING
 from tests.webhook import webhook_receiver
+from tests.repo import FAST_TRAINING
 
 runner = CliRunner()
 HOUR = pd.Timedelta(hours=1)

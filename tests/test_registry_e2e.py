@@ -18,8 +18,7 @@ import yaml
 
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.registry import RegistryError, production_changes, recorded_production
-from tests.repo import commit_all, make_repo, run, set_params
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import FAST_TRAINING, commit_all, make_repo, run, set_params
 
 pytestmark = pytest.mark.e2e
 

@@ -16,21 +16,12 @@ import yaml
 
 from cryptoml.ensemble import ProductionEnsemble
 from tests.moto_server import S3_ENV, S3Server, s3_server
-from tests.repo import commit_all, make_repo, run, set_params
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import commit_all, copy_repo, run, set_params
 
 pytestmark = pytest.mark.e2e
 
 BUCKET = "cryptoml-dvc"
 REMOTE_PREFIX = "cryptoml"
-# Every challenger is promoted: these tests are about storage, the gate has its own.
-OPEN_GATE = {
-    "gate.min_roc_auc": 0.0,
-    "gate.max_brier_ratio": None,
-    "gate.max_log_loss_ratio": None,
-    "gate.champion_tolerance": 1.0,
-    "gate.champion_log_loss_tolerance": 1.0e3,
-}
 # The second version differs only in the model's seed: train, evaluate and promote re-run, fetch and features do not.
 VERSION_CHANGES = ({}, {"model.random_state": 43})
 
@@ -58,10 +49,10 @@ def verified_production_hash(repo: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
+def published(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     root = tmp_path_factory.mktemp("remote")
     with s3_server(BUCKET) as s3:
-        repo = make_repo(root, {**FAST_TRAINING, **OPEN_GATE})
+        repo = copy_repo(reproduced_repo, root)  # version 1 is the session's reproduced pipeline
         run(["dvc", "remote", "add", "--default", "s3", f"s3://{BUCKET}/{REMOTE_PREFIX}"], repo)
         run(["dvc", "remote", "modify", "s3", "endpointurl", s3.endpoint_url], repo)
         commit_all(repo, "DVC remote (credentials come from the environment)")

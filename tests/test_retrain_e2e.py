@@ -38,8 +38,7 @@ from cryptoml.retrain import (
 )
 from cryptoml.synthetic import simulate_candles
 from tests.fake_exchange import FakeBitbank
-from tests.repo import BIN, REPO_ROOT, commit_all, make_repo, run, set_params
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import BIN, FAST_TRAINING, REPO_ROOT, commit_all, make_repo, run, set_params
 from tests.webhook import SECRET_PATH, Receiver, unreachable_url, unused_port, webhook_receiver
 
 NOW = pd.Timestamp("2024-03-01T00:00:00Z")

@@ -36,7 +36,7 @@ from cryptoml.serving import BACKEND_ENV, PARITY_TOLERANCE, OnnxGraph, ParityErr
 from cryptoml.synthetic import simulate_candles
 from tests.test_cli import write_params
 from tests.test_ensemble import make_data, rewrite_model_section
-from tests.test_train_e2e import FAST_TRAINING
+from tests.repo import FAST_TRAINING
 
 # Enough trees that every feature is split on many times, few enough to export in well under a second.
 PARAMS = {name: {"n_estimators": 20} for name in MODEL_NAMES}

@@ -9,36 +9,24 @@ import pandas as pd
 import pytest
 
 from cryptoml.ensemble import ArtifactError, ProductionEnsemble
-from tests.repo import commit_all, make_repo, run
+from tests.repo import FAST_TRAINING, copy_repo, run
 
 pytestmark = pytest.mark.e2e
 
-# Small but real: three months of hourly candles, weekly walk-forward steps over the last 20% (18 days) and small
-# forests keep each run to a few seconds.
-FAST_TRAINING = {
-    "data.start": "2024-01-01T00:00:00Z",
-    "data.end": "2024-04-01T00:00:00Z",
-    "retrain.every": "7D",
-    "model.lightgbm.n_estimators": 20,
-    "model.xgboost.n_estimators": 20,
-    "model.random_forest.n_estimators": 20,
-}
 
 
 @pytest.fixture(scope="module")
-def trained_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = make_repo(tmp_path_factory.mktemp("train"), FAST_TRAINING)
-    run(["dvc", "repro", "train"], repo)
-    commit_all(repo, "train")
-    return repo
+def trained_repo(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_repo(reproduced_repo, tmp_path_factory.mktemp("train"))
 
 
-def test_forced_reruns_leave_dvc_lock_unchanged(trained_repo: Path) -> None:
+def test_forced_reruns_leave_dvc_lock_unchanged_and_a_second_repro_runs_nothing(trained_repo: Path) -> None:
     lock = (trained_repo / "dvc.lock").read_bytes()
     for _ in range(2):
-        run(["dvc", "repro", "--force", "train"], trained_repo)
+        run(["dvc", "repro", "--force"], trained_repo)
         assert (trained_repo / "dvc.lock").read_bytes() == lock
     assert run(["git", "status", "--porcelain"], trained_repo).stdout == ""
+    assert "Running stage" not in run(["dvc", "repro"], trained_repo).stdout
 
 
 def test_metadata_ties_the_model_to_its_commit_and_hash(trained_repo: Path) -> None:

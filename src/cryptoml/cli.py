@@ -31,15 +31,16 @@ def _candles_option(what: str) -> Any:
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by inputs (bad params, candles, artifacts, an unreachable exchange), not bugs.
+    """Errors caused by inputs (bad params, candles, artifacts, an unreachable exchange or scheduler), not bugs.
 
     They are shown as one clear message and exit code 1, without a traceback. Input checks raise ValueError
     subclasses by convention, so ValueError is in the list.
     """
     from cryptoml.artifacts import ArtifactError
     from cryptoml.exchange import ExchangeFetchError
+    from cryptoml.executor import ExecutorError
 
-    return (ValueError, FileNotFoundError, ExchangeFetchError, ArtifactError)
+    return (ValueError, FileNotFoundError, ExchangeFetchError, ArtifactError, ExecutorError)
 
 
 def _command(func: Callable[..., None]) -> Callable[..., None]:
