@@ -17,11 +17,13 @@ PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/
 PIPELINE_DIRS = ("src", "data/external", ".dvc/plots")
 
 # Small but real: three months of hourly candles, weekly walk-forward steps over the last 20% (18 days) and small
-# forests keep each pipeline run to seconds.
+# forests keep each pipeline run to seconds. Fits this small run faster in-process than on a pool of processes that
+# first imports the libraries (tests/test_scaleout.py runs them on two processes and on Dask).
 FAST_TRAINING = {
     "data.start": "2024-01-01T00:00:00Z",
     "data.end": "2024-04-01T00:00:00Z",
     "retrain.every": "7D",
+    "executor.workers": 1,
     "model.lightgbm.n_estimators": 20,
     "model.xgboost.n_estimators": 20,
     "model.random_forest.n_estimators": 20,
@@ -97,6 +99,16 @@ def reproduce_once(root: Path) -> Path:
 def copy_repo(repo: Path, root: Path) -> Path:
     """A copy of `repo` (git history, DVC cache and outputs) as `root/repo`, to change without touching the original."""
     return Path(shutil.copytree(repo, root / "repo", symlinks=True))
+
+
+def release(repo: Path, changes: dict[str, Any], name: str) -> str:
+    """The documented retrain: commit the params, reproduce, commit what dvc wrote, push the outputs; that commit."""
+    set_params(repo, changes)
+    commit_all(repo, f"{name}: params")
+    run(["dvc", "repro"], repo)
+    commit = commit_all(repo, f"{name}: outputs")
+    run(["dvc", "push"], repo)
+    return commit
 
 
 def commit_all(repo: Path, message: str) -> str:

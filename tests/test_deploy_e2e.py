@@ -23,7 +23,7 @@ import pytest
 from cryptoml.artifacts import MANIFEST_NAME
 from tests.faults import manifest_digest, record_production_check
 from tests.moto_server import S3_ENV, s3_server
-from tests.repo import BIN, commit_all, copy_repo, run, set_params
+from tests.repo import BIN, FAST_TRAINING, OPEN_GATE, commit_all, make_repo, release, run
 
 pytestmark = pytest.mark.e2e
 
@@ -67,29 +67,27 @@ def tree_bytes(root: Path, entries: tuple[str, ...] = WORKSPACE_FILES) -> dict[s
     return found
 
 
-def release(repo: Path, changes: dict[str, object], name: str) -> Version:
-    """The documented release: commit params, reproduce, commit, push outputs and commits, register with --push."""
-    set_params(repo, changes)
-    commit_all(repo, f"{name}: params")
-    run(["dvc", "repro"], repo)
-    commit = commit_all(repo, f"{name}: outputs")
-    run(["dvc", "push"], repo)
+def publish(repo: Path, changes: dict[str, object], name: str) -> Version:
+    """The documented release, then the commits pushed to origin and the versions registered with --push."""
+    commit = release(repo, changes, name)
     run(["git", "push", "-q", "origin", "main"], repo)
     run(["cryptoml", "register", "--push", "origin"], repo)
     return Version(commit, directory_files(repo / PRODUCTION))
 
 
 @pytest.fixture(scope="module")
-def story(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Story:
+def story(tmp_path_factory: pytest.TempPathFactory) -> Story:
     root = tmp_path_factory.mktemp("deploy")
     origin = root / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
-    repo = copy_repo(reproduced_repo, root)  # v1's outputs are the session's reproduced pipeline
+    # Not a copy of the session's reproduced pipeline: `dvc artifacts get` reads each version's own .dvc/config, so
+    # the remote must be committed before the first version.
+    repo = make_repo(root, {**FAST_TRAINING, **OPEN_GATE})
     run(["dvc", "remote", "add", "-d", "local", str(root / "dvc-remote")], repo)
     commit_all(repo, "DVC remote")
     run(["git", "remote", "add", "origin", str(origin)], repo)
-    v1 = release(repo, {}, "v1")
-    v2 = release(repo, {"model.random_state": 43}, "v2")
+    v1 = publish(repo, {}, "v1")
+    v2 = publish(repo, {"model.random_state": 43}, "v2")
     assert v1.digest != v2.digest
     return Story(root, repo, origin, v1, v2)
 

@@ -18,7 +18,7 @@ import yaml
 
 from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.registry import RegistryError, production_changes, recorded_production
-from tests.repo import FAST_TRAINING, commit_all, make_repo, run, set_params
+from tests.repo import FAST_TRAINING, commit_all, make_repo, release, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -87,13 +87,9 @@ def snapshot(repo: Path, commit: str) -> Version:
     )
 
 
-def release(repo: Path, changes: dict[str, Any], name: str) -> Version:
-    """The documented retrain: commit the params, reproduce, commit what dvc wrote, push the outputs."""
-    set_params(repo, changes)
-    commit_all(repo, f"{name}: params")
-    run(["dvc", "repro"], repo)
-    commit = commit_all(repo, f"{name}: outputs")
-    run(["dvc", "push"], repo)
+def registered(repo: Path, changes: dict[str, Any], name: str) -> Version:
+    """The documented release, its version registered."""
+    commit = release(repo, changes, name)
     run(["cryptoml", "register"], repo)
     return snapshot(repo, commit)
 
@@ -107,9 +103,9 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Story:
     commit_all(repo, "DVC remote")
     run(["dvc", "repro"], repo)
     first_promotion, first_production = read_json(repo / PROMOTION), production_files(repo)
-    v1 = release(repo, {"gate.min_roc_auc": VERSIONING_GATE["gate.min_roc_auc"]}, "v1")
+    v1 = registered(repo, {"gate.min_roc_auc": VERSIONING_GATE["gate.min_roc_auc"]}, "v1")
     seed = yaml.safe_load((repo / "params.yaml").read_text())["model"]["random_state"]
-    v2 = release(repo, {"model.random_state": seed + 1}, "v2")
+    v2 = registered(repo, {"model.random_state": seed + 1}, "v2")
     return Story(repo, first_promotion, first_production, v1, v2)
 
 
@@ -192,6 +188,16 @@ def test_plots_render_to_html_for_the_workspace_and_between_versions(story: Stor
         assert [title for title in titles if title not in html] == []
     diff_html = (tmp_path / "diff" / "index.html").read_text()
     assert story.v1.commit in diff_html and story.v2.commit in diff_html
+    # DVC writes a title unescaped into a JavaScript string: a quote mark would leave that chart blank.
+    assert [title for title in titles if "'" in title or '"' in title] == []
+
+
+def test_the_plots_page_draws_only_the_intended_charts(story: Story) -> None:
+    """Each plot file is drawn by its top-level definition only: no DVC fallback chart of a column against "step"."""
+    titles = [next(iter(plot)) for plot in yaml.safe_load((story.repo / "dvc.yaml").read_text())["plots"]]
+    charts = json.loads(run(["dvc", "plots", "show", "--json"], story.repo).stdout)["data"]
+    assert sorted(charts) == sorted(titles)
+    assert len(titles) == 8
 
 
 def test_experiment_runs_beside_the_workspace(story: Story) -> None:

@@ -90,7 +90,7 @@ def test_headline_table_compares_the_base_model_with_this_one() -> None:
     table = headline_table(base, {"policy": {"roc_auc": 0.5625}, "backtest": {"policy": {"sharpe": 0.5}}}, "main")
     assert table.splitlines()[0] == "| out-of-sample metric | `main` | this branch | change |"
     assert "| policy.roc_auc | 0.5500 | 0.5625 | +0.0125 |" in table
-    assert "| backtest.strategy.sharpe | 1.0000 | 0.5000 | -0.5000 |" in table
+    assert "| backtest.policy.sharpe | 1.0000 | 0.5000 | -0.5000 |" in table
     assert "| policy.brier | - | - | - |" in table
 
 
@@ -251,7 +251,7 @@ def test_pull_request_body_shows_window_gate_and_diffs_against_main(workspace: W
     assert decision["decision"] == "promoted" and decision["challenger_sha256"] in body
     assert all(f"- {reason}" in body for reason in decision["reasons"])
     evaluation = json.loads((workspace.repo / "metrics/evaluate.json").read_text())
-    headline = body.split("### Holdout metrics against `main`")[1].split("<details>")[0]
+    headline = body.split("### Walk-forward metrics against `main`")[1].split("<details>")[0]
     assert f"| policy.roc_auc | - | {evaluation['policy']['roc_auc']:.4f} | - |" in headline  # main had no model
     every_metric = body.split("<details>")[1].split("</details>")[0]
     assert "| metrics/evaluate.json" in every_metric and "| metrics/train.json" in every_metric

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from cryptoml.ensemble import ArtifactError, ProductionEnsemble
 from tests.repo import FAST_TRAINING, copy_repo, run
@@ -21,11 +22,24 @@ def trained_repo(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_forced_reruns_leave_dvc_lock_unchanged_and_a_second_repro_runs_nothing(trained_repo: Path) -> None:
+    """Two `dvc repro --force` give the same dvc.lock; the train and evaluate outputs are those of the first run.
+
+    Only the first forced run's promote stage differs from the original run's: production now has a champion
+    (the same model), which the gate compares with through its stored predictions.
+    """
+    original = (trained_repo / "dvc.lock").read_bytes()
+    run(["dvc", "repro", "--force"], trained_repo)
     lock = (trained_repo / "dvc.lock").read_bytes()
-    for _ in range(2):
-        run(["dvc", "repro", "--force"], trained_repo)
-        assert (trained_repo / "dvc.lock").read_bytes() == lock
-    assert run(["git", "status", "--porcelain"], trained_repo).stdout == ""
+    run(["dvc", "repro", "--force"], trained_repo)
+    assert (trained_repo / "dvc.lock").read_bytes() == lock
+    stages = {name: yaml.safe_load(text)["stages"] for name, text in (("original", original), ("forced", lock))}
+    for stage in ("fetch", "features", "train", "evaluate"):
+        assert stages["forced"][stage] == stages["original"][stage], stage
+    promotion = json.loads((trained_repo / "metrics/promotion.json").read_text())
+    assert promotion["decision"] == "promoted" and promotion["champion_sha256"] == promotion["challenger_sha256"]
+    # Promoting the served model again keeps the version it replaced, not itself, as its previous version.
+    metadata = json.loads((trained_repo / "models/production/production_model_metadata.json").read_text())
+    assert metadata["version_control"]["previous_version"] is None
     assert "Running stage" not in run(["dvc", "repro"], trained_repo).stdout
 
 

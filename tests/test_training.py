@@ -17,6 +17,7 @@ from cryptoml.ensemble import ProductionEnsemble
 from cryptoml.executor import ExecutorSettings
 from cryptoml.features import FEATURE_NAMES, FeatureManager
 from cryptoml.labels import Step, build_dataset, walk_forward_steps
+from cryptoml.promotion import compare_with_champion
 from cryptoml.synthetic import simulate_candles
 from cryptoml.training import (
     ENSEMBLE,
@@ -334,3 +335,18 @@ def test_training_metadata_carries_the_passed_facts(trained: TrainingResult) -> 
     assert all(step["train_end"] < step["start"] for step in steps)
     assert sum(metadata["model_weights"].values()) == pytest.approx(1.0)
     assert metadata["params"]["model"]["lightgbm"]["extra_trees"] is True  # a bool is not turned into 1
+
+
+def test_a_data_only_weekly_retrain_repeats_the_champions_predictions_on_every_shared_row() -> None:
+    """Calendar-anchored steps: one more week of data refits the shared steps on the same rows, so the champion
+    comparison of a data-only retrain sees the same P(up) on every row both records hold."""
+    features, close = learnable_candles(1500)
+    week = 7 * 24
+    champion = run_training(features.iloc[:-week], close.iloc[:-week], settings(), LOCAL).record
+    challenger = run_training(features, close, settings(), LOCAL).record
+    shared = champion.merge(challenger, on="timestamp", suffixes=("_champion", "_challenger"))
+    assert len(shared) > week
+    np.testing.assert_array_equal(shared["p_up_champion"], shared["p_up_challenger"])
+    labels = build_dataset(features, close, 1, 0.003)[1]
+    comparison, note = compare_with_champion(challenger, champion, labels, min_shared_rows=100)
+    assert note is None and comparison is not None and comparison.challenger == comparison.champion

@@ -77,7 +77,7 @@ def features() -> None:
 @app.command()
 @_command
 def train(params_file: ParamsOption = paths.PARAMS) -> None:
-    """Cross-validate and fit the ensemble on the training part; write models/training/ and metrics/train.json."""
+    """Replay the retrain policy walk-forward and fit the production model on every labelled row; write models/training/."""
     from cryptoml.pipeline import run_train
 
     run_train(load_params(params_file))
@@ -86,7 +86,7 @@ def train(params_file: ParamsOption = paths.PARAMS) -> None:
 @app.command()
 @_command
 def evaluate(params_file: ParamsOption = paths.PARAMS) -> None:
-    """Score the trained model, its components and the baselines on the holdout; write metrics and plots."""
+    """Score the retrain policy's out-of-sample record beside the frozen model and the baselines; write metrics and plots."""
     from cryptoml.pipeline import run_evaluate
 
     run_evaluate(load_params(params_file))
@@ -98,7 +98,7 @@ def promote(
     params_file: ParamsOption = paths.PARAMS,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 when the gate rejects (for automation)")] = False,
 ) -> None:
-    """Gate the trained model against the baselines and the production model; promote it if it passes."""
+    """Gate the policy's out-of-sample record against the baselines and the champion's; promote the model if it passes."""
     from cryptoml.pipeline import run_promote
 
     decision = run_promote(load_params(params_file))

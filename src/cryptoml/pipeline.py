@@ -232,10 +232,16 @@ def production_record(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def production_metadata(champion: Champion | None, out_of_sample: dict[str, float]) -> dict[str, Any]:
-    """The training metadata, restated for production: the policy's out-of-sample metrics and the model it replaces."""
+    """The training metadata, restated for production: the policy's out-of-sample metrics and the model it replaces.
+
+    Promoting the served model again (a forced rerun) replaces nothing: it keeps the previous version it had.
+    """
     metadata = json.loads(paths.TRAINING_METADATA.read_text())
     previous = None
-    if champion is not None:
+    if champion is not None and champion.sha256 == metadata["version_control"]["model_hash"]:
+        served = read_production_metadata(paths.PRODUCTION_DIR) or {}
+        previous = served.get("version_control", {}).get("previous_version")
+    elif champion is not None:
         previous = {"git_commit": champion.version_info.get("git_commit"), "model_hash": champion.sha256}
     return {
         **metadata,
