@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,9 @@ import psutil
 import pytest
 import yaml
 
+from cryptoml.executor import SCHEDULER_ENV
 from tests.repo import commit_all, make_repo, run
+from tests.test_executor import local_cluster
 from tests.test_train_e2e import FAST_TRAINING
 
 pytestmark = pytest.mark.e2e
@@ -58,10 +60,10 @@ def workspace_files(repo: Path) -> dict[str, bytes]:
     return {**files, "dvc.lock": (repo / "dvc.lock").read_bytes()}
 
 
-def diagnostics(repo: Path) -> str:
+def diagnostics(repo: Path, names: Iterable[str]) -> str:
     """What to read when the queue misbehaves: its status, each experiment's logs, the raw celery worker logs."""
     parts = [run(["dvc", "queue", "status"], repo, check=False).stdout]
-    for name in SWEEP:
+    for name in names:
         logs = run(["dvc", "queue", "logs", name], repo, check=False)
         parts.append(f"--- dvc queue logs {name} (exit {logs.returncode})\n{logs.stdout}{logs.stderr}")
     for path in sorted((repo / ".dvc/tmp/exps/celery").glob("*.out")):
@@ -69,12 +71,12 @@ def diagnostics(repo: Path) -> str:
     return "\n".join(parts)
 
 
-def task_states(status: str) -> dict[str, str]:
+def task_states(status: str, names: Iterable[str]) -> dict[str, str]:
     """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`'s table."""
     states = {}
     for line in status.splitlines():
         cells = line.split()
-        if cells and cells[0] != "Task" and len(cells) >= 3 and cells[1] in SWEEP:
+        if cells and cells[0] != "Task" and len(cells) >= 3 and cells[1] in names:
             states[cells[1]] = cells[-1]
     return states
 
@@ -89,19 +91,22 @@ def queue_processes(repo: Path) -> list[psutil.Process]:
     return found
 
 
-def wait_for_sweep(repo: Path) -> str:
-    """Poll `dvc queue status` until no task is queued or running; fail with the diagnostics on a stall or timeout."""
+def run_sweep(repo: Path, names: Sequence[str], env: dict[str, str] | None = None) -> str:
+    """`dvc queue start -j 2` (workers inherit `env`), then poll `dvc queue status` until none of `names` is queued
+    or running; fail with the diagnostics on a stall or a timeout. Returns the last status."""
+    run(["dvc", "queue", "start", "-j", str(JOBS)], repo, env=env)
     start = time.monotonic()
     while True:
         status = run(["dvc", "queue", "status"], repo).stdout
-        states = task_states(status)
+        states = task_states(status, names)
         elapsed = time.monotonic() - start
-        if set(states) == set(SWEEP) and not {"Queued", "Running"} & set(states.values()):
+        if set(states) == set(names) and not {"Queued", "Running"} & set(states.values()):
             return status
         if elapsed > STALL_GRACE and "0 active, 0 idle" in status and "Running" not in states.values():
-            pytest.fail(f"queued experiments but no worker after {elapsed:.0f} s (DVC issue 10562)\n{diagnostics(repo)}")
+            reason = f"queued experiments but no worker after {elapsed:.0f} s (DVC issue 10562)"
+            pytest.fail(f"{reason}\n{diagnostics(repo, names)}")
         if elapsed > SWEEP_TIMEOUT:
-            pytest.fail(f"sweep not done after {SWEEP_TIMEOUT:.0f} s\n{diagnostics(repo)}")
+            pytest.fail(f"sweep not done after {SWEEP_TIMEOUT:.0f} s\n{diagnostics(repo, names)}")
         time.sleep(POLL)
 
 
@@ -126,8 +131,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
         for name, value in SWEEP.items():
             run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"{SWEPT}={value}"], repo)
         start = time.monotonic()
-        run(["dvc", "queue", "start", "-j", str(JOBS)], repo)
-        status = wait_for_sweep(repo)
+        status = run_sweep(repo, list(SWEEP))
         seconds = time.monotonic() - start
         show = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
         show_md = run(["dvc", "exp", "show", "--md"], repo).stdout
@@ -158,10 +162,10 @@ def evaluation(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_every_experiment_succeeds_with_its_params_and_metrics_in_exp_show(sweep: Sweep) -> None:
-    states = task_states(sweep.status)
-    assert states == dict.fromkeys(SWEEP, "Success"), f"{states}\n{diagnostics(sweep.repo)}"
+    states = task_states(sweep.status, SWEEP)
+    assert states == dict.fromkeys(SWEEP, "Success"), f"{states}\n{diagnostics(sweep.repo, SWEEP)}"
     found = experiments(sweep.show)
-    assert set(found) == set(SWEEP), f"dvc exp show --json lists {sorted(found)}\n{diagnostics(sweep.repo)}"
+    assert set(found) == set(SWEEP), f"dvc exp show --json lists {sorted(found)}\n{diagnostics(sweep.repo, SWEEP)}"
     for name, value in SWEEP.items():
         data = found[name]
         assert swept_value(data) == value
@@ -176,7 +180,14 @@ def test_the_workspace_is_untouched(sweep: Sweep) -> None:
     """Queued experiments run in temp dirs: their promote stage swapped a copy, not the workspace's model."""
     assert sweep.after == sweep.before
     assert run(["git", "status", "--porcelain"], sweep.repo).stdout == ""
+    dvc_status = run(["dvc", "status"], sweep.repo, check=False)
+    assert dvc_status.returncode == 0 and "up to date" in dvc_status.stdout, dvc_status.stdout
     assert yaml.safe_load((sweep.repo / "params.yaml").read_text())["model"]["lightgbm"]["learning_rate"] == 0.1
+
+
+def metrics_of(sweep: Sweep, name: str, metrics: str) -> dict[str, Any]:
+    """A metrics file as the local sweep's experiment `name` committed it."""
+    return json.loads(run(["git", "show", f"{experiments(sweep.show)[name]['rev']}:{metrics}"], sweep.repo).stdout)
 
 
 def test_a_queued_experiment_equals_a_plain_repro_with_its_params(sweep: Sweep, tmp_path: Path) -> None:
@@ -184,7 +195,32 @@ def test_a_queued_experiment_equals_a_plain_repro_with_its_params(sweep: Sweep, 
     name, value = next(iter(SWEEP.items()))
     copy = make_repo(tmp_path, {**PARAMS, SWEPT: value})
     run(["dvc", "repro"], copy)
-    queued = experiments(sweep.show)[name]
     for metrics in (EVALUATION, "metrics/train.json"):
-        committed = json.loads(run(["git", "show", f"{queued['rev']}:{metrics}"], sweep.repo).stdout)
-        assert committed == json.loads((copy / metrics).read_text()), metrics
+        assert metrics_of(sweep, name, metrics) == json.loads((copy / metrics).read_text()), metrics
+
+
+def test_the_same_sweep_on_a_dask_cluster_gives_the_same_results(sweep: Sweep) -> None:
+    """CRYPTOML_DASK_SCHEDULER in the environment of `dvc queue start` sends every experiment's fits to the cluster.
+
+    Workers keep the environment they started with, so the local sweep's workers are stopped first. `--force`:
+    otherwise DVC's run cache would restore the local sweep's train outputs for the same params and nothing would
+    run on the cluster.
+    """
+    stop_workers(sweep.repo)
+    names = {f"dask-{name}": value for name, value in SWEEP.items()}
+    for name, value in names.items():
+        run(["dvc", "exp", "run", "--queue", "--force", "-n", name, "-S", f"{SWEPT}={value}"], sweep.repo)
+    try:
+        with local_cluster(JOBS) as address:
+            status = run_sweep(sweep.repo, list(names), env={SCHEDULER_ENV: address})
+    finally:
+        stop_workers(sweep.repo)
+    assert task_states(status, names) == dict.fromkeys(names, "Success"), diagnostics(sweep.repo, names)
+    found = experiments(json.loads(run(["dvc", "exp", "show", "--json"], sweep.repo).stdout))
+    for (name, local), dask in zip(SWEEP.items(), names, strict=True):
+        log = run(["dvc", "queue", "logs", dask], sweep.repo).stdout
+        assert f"tasks on dask {address}" in log, log
+        for metrics in (EVALUATION, "metrics/train.json"):
+            on_dask = run(["git", "show", f"{found[dask]['rev']}:{metrics}"], sweep.repo).stdout
+            assert json.loads(on_dask) == metrics_of(sweep, name, metrics), (name, metrics, local)
+    assert workspace_files(sweep.repo) == sweep.before
