@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 
 from cryptoml.config import load_params
-from cryptoml.data import fetch_candles, read_csv_candles
+from cryptoml.data import fetch_candles, read_csv_candles, validate_candles
 from cryptoml.executor import SCHEDULER_ENV, ExecutorSettings, TaskRun, run_tasks
 from cryptoml.features import FeatureManager
 from cryptoml.labels import build_dataset
 from cryptoml.pipeline import training_settings
-from cryptoml.training import FitData, FitResult, FitTask, fit_and_predict, plan_fits, run_training
+from cryptoml.training import FitData, FitResult, FitTask, duration_text, fit_and_predict, plan_fits, run_training
 
 
 def timed(data: FitData, tasks: Sequence[FitTask], executor: ExecutorSettings) -> tuple[float, TaskRun[FitResult]]:
@@ -80,7 +80,10 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    candles = read_csv_candles(args.csv) if args.csv else fetch_candles(params.data)[0]
+    if args.csv:
+        candles, _ = validate_candles(read_csv_candles(args.csv), params.data.timeframe, str(args.csv))
+    else:
+        candles, _ = fetch_candles(params.data)
     settings = training_settings(params)
     if args.every:
         settings = dataclasses.replace(settings, every=pd.Timedelta(args.every))
@@ -90,7 +93,7 @@ def main() -> None:
     tasks = tasks[: args.steps] if args.steps else tasks
     workers = args.workers
     print(
-        f"{len(data.y)} labelled rows, {len(tasks)} fits (retrain.every={settings.every}), "
+        f"{len(data.y)} labelled rows, {len(tasks)} fits (retrain.every={duration_text(settings.every)}), "
         f"model.n_jobs={settings.fit.n_jobs}, {workers} workers, {os.cpu_count()} cores"
     )
     serial_seconds, serial = timed(data, tasks, ExecutorSettings(kind="local", workers=1))

@@ -21,16 +21,14 @@ import pytest
 import yaml
 
 from cryptoml.executor import SCHEDULER_ENV
-from tests.repo import commit_all, make_repo, run
+from tests.repo import copy_repo, run, set_params
 from tests.test_executor import local_cluster
-from tests.test_train_e2e import FAST_TRAINING
 
 pytestmark = pytest.mark.e2e
 
-# FAST models score near chance on three months of synthetic candles; a gate this open lets them pass, so promote
-# runs its full path (a swap) inside each experiment. This module tests where the sweep runs, not model quality.
-OPEN_GATE = {"gate.min_roc_auc": 0.0, "gate.max_brier_ratio": None, "gate.max_log_loss_ratio": None}
-PARAMS = {**FAST_TRAINING, **OPEN_GATE}
+# The session's reproduced pipeline (FAST_TRAINING, OPEN_GATE) is the sweep's base: FAST models score near chance on
+# three months of synthetic candles, and the open gate lets them pass, so promote runs its full path (a swap) inside
+# each experiment. This module tests where the sweep runs, not model quality.
 SWEPT = "model.lightgbm.learning_rate"
 SWEEP = {"lr-0.05": 0.05, "lr-0.2": 0.2}  # experiment name -> value; the workspace keeps params.yaml's 0.1
 JOBS = 2
@@ -121,10 +119,8 @@ def stop_workers(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
-    repo = make_repo(tmp_path_factory.mktemp("sweep"), PARAMS)
-    run(["dvc", "repro"], repo)
-    commit_all(repo, "first run")
+def sweep(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
+    repo = copy_repo(reproduced_repo, tmp_path_factory.mktemp("sweep"))
     before = workspace_files(repo)
     try:
         for name, value in SWEEP.items():
@@ -188,10 +184,11 @@ def metrics_of(sweep: Sweep, name: str, metrics: str) -> dict[str, Any]:
     return json.loads(run(["git", "show", f"{experiments(sweep.show)[name]['rev']}:{metrics}"], sweep.repo).stdout)
 
 
-def test_a_queued_experiment_equals_a_plain_repro_with_its_params(sweep: Sweep, tmp_path: Path) -> None:
-    """Determinism across the two ways: a fresh copy (its own cache) with the same params gives the same metrics."""
+def test_a_queued_experiment_equals_a_plain_repro_with_its_params(sweep: Sweep, reproduced_repo: Path, tmp_path: Path) -> None:
+    """Determinism across the two ways: a plain `dvc repro` of a copy with the same params gives the same metrics."""
     name, value = next(iter(SWEEP.items()))
-    copy = make_repo(tmp_path, {**PARAMS, SWEPT: value})
+    copy = copy_repo(reproduced_repo, tmp_path)
+    set_params(copy, {SWEPT: value})
     run(["dvc", "repro"], copy)
     for metrics in (EVALUATION, "metrics/train.json"):
         assert metrics_of(sweep, name, metrics) == json.loads((copy / metrics).read_text()), metrics
