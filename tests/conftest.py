@@ -3,6 +3,7 @@ the fault suite's counts."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,10 @@ import pytest
 
 from tests.faults import LEDGER
 from tests.repo import reproduce_once
+
+# Dask's loggers get a handler on the stderr of the moment they are configured (pytest's capture, closed later):
+# its shutdown messages would then print "--- Logging error ---" tracebacks. Errors still show.
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
