@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -39,12 +40,34 @@ OPEN_GATE = {
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a command with the project's venv first on PATH; on failure show its output in the assertion."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    """Run a command with the project's venv first on PATH; on failure show its output in the assertion.
+
+    A `cryptoml` command runs in this process, through the same typer app as the console script (no interpreter
+    start-up, and coverage sees it); pass `BIN / "cryptoml"` for a separate process (to kill it, or run two at once).
+    The stages that dvc runs are always separate processes.
+    """
+    if cmd[0] == "cryptoml":
+        result = run_cli(cmd, cwd, env)
+    else:
+        full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+        result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_cli(cmd: list[str], cwd: Path, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+    """`cryptoml ...` in this process, in `cwd`, with `env` added to the environment while it runs."""
+    from typer.testing import CliRunner
+
+    from cryptoml.cli import app
+
+    path = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(app, cmd[1:], env={**path, **(env or {})})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(cmd, result.exit_code, result.stdout, result.stderr)
 
 
 def set_params(repo: Path, changes: dict[str, Any]) -> None:

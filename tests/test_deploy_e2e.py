@@ -124,7 +124,9 @@ def test_register_tags_both_versions_in_gto_format_with_prod_on_v2(story: Story)
 def test_register_again_and_twice_at_once_creates_nothing(story: Story) -> None:
     before = origin_tags(story)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda _: run(["cryptoml", "register", "--push", "origin"], story.repo, check=False), range(2)))
+        # Separate processes: two registrations at the same moment, each with its own working directory.
+        command = [str(BIN / "cryptoml"), "register", "--push", "origin"]
+        results = list(pool.map(lambda _: run(command, story.repo, check=False), range(2)))
     assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
     assert all("nothing to do" in result.stdout for result in results)
     assert origin_tags(story) == before
@@ -201,7 +203,8 @@ def test_sigkill_during_pull_model_leaves_the_old_model_or_the_new_one(story: St
     run([*command, str(tmp_path / "timing")], tmp_path)
     duration = time.perf_counter() - started
     outcomes = []
-    for kill_at in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99):
+    # Late points hit the download's end, the verification and the swap, which are the last tenth of a pull.
+    for kill_at in (0.4, 0.8, 0.95, 0.99):
         bot = Path(shutil.copytree(template, tmp_path / f"bot-{kill_at}"))
         process = subprocess.Popen([*command, str(bot)], cwd=tmp_path, start_new_session=True, text=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -194,6 +194,7 @@ def test_a_queued_experiment_equals_a_plain_repro_with_its_params(sweep: Sweep, 
         assert metrics_of(sweep, name, metrics) == json.loads((copy / metrics).read_text()), metrics
 
 
+@pytest.mark.slow  # two more pipeline runs: `make test-slow`
 def test_the_same_sweep_on_a_dask_cluster_gives_the_same_results(sweep: Sweep) -> None:
     """CRYPTOML_DASK_SCHEDULER in the environment of `dvc queue start` sends every experiment's fits to the cluster.
 
