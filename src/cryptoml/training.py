@@ -184,15 +184,16 @@ def record_from_csv(data: bytes, source: str) -> pd.DataFrame:
     return record
 
 
-def step_threshold(step: Step, earlier_rows: np.ndarray, labels: np.ndarray, p_up: np.ndarray, horizon: int) -> float:
+def step_threshold(step: Step, first: int, labels: np.ndarray, p_up: np.ndarray, horizon: int) -> float:
     """The threshold a step uses: chosen on earlier out-of-sample rows whose label is known when the step starts.
 
-    A row's label needs `horizon` more bars, so rows within `horizon` of the step's start are left out.
+    `p_up` holds the out-of-sample P(up) of the rows from `first` (the first walk-forward row) on, `labels` every
+    row's label. A row's label needs `horizon` more bars, so rows within `horizon` of the step's start are left out.
     """
-    known = earlier_rows[earlier_rows < step.start - horizon]
-    if known.size == 0:
+    known = step.start - horizon  # rows [first, known) have a label by the time the step starts
+    if known <= first:
         raise ValueError(f"walk-forward step {step.number} has no earlier out-of-sample prediction with a known label")
-    return choose_threshold(labels[known], p_up[known])
+    return choose_threshold(labels[first:known], p_up[: known - first])
 
 
 def out_of_sample_record(
@@ -221,19 +222,11 @@ def out_of_sample_record(
             if name != ENSEMBLE:
                 columns[name][rows] = proba[:size]
         if step.scored:
-            earlier = np.arange(first, step.start)
-            columns["threshold"][rows] = step_threshold(step, earlier, y, _positioned(columns["p_up"], first, stop), horizon)
+            columns["threshold"][rows] = step_threshold(step, first, y, columns["p_up"], horizon)
         if step is frozen_step:
             columns["frozen_p_up"][step.start - first :] = result.proba[ENSEMBLE]
     record = pd.DataFrame({"timestamp": index[first:stop], **columns})
     return record[list(OOS_COLUMNS)]
-
-
-def _positioned(values: np.ndarray, first: int, stop: int) -> np.ndarray:
-    """`values` of rows [first, stop), addressable by row position of the whole dataset."""
-    positioned = np.full(stop, np.nan)
-    positioned[first:stop] = values
-    return positioned
 
 
 @dataclass(frozen=True)
