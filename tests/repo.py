@@ -16,6 +16,8 @@ BIN = Path(os.environ.get("VIRTUAL_ENV", REPO_ROOT / ".venv")) / "bin"
 # What a fresh clone holds that the pipeline needs (src is needed for dvc.yaml's code dependencies).
 PIPELINE_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore")
 PIPELINE_DIRS = ("src", "data/external", ".dvc/plots")
+# Seconds for one command of a test: the slowest, a pipeline on the real candles, takes about 3 minutes.
+COMMAND_TIMEOUT = 1200.0
 
 # Small but real: three months of hourly candles, weekly walk-forward steps over the last 20% (18 days) and small
 # forests keep each pipeline run to seconds. Fits this small run faster in-process than on a pool of processes that
@@ -39,18 +41,30 @@ OPEN_GATE = {
 }
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def venv_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with the project's venv first on PATH, plus `env`."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+
+
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None, timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     """Run a command with the project's venv first on PATH; on failure show its output in the assertion.
 
     A `cryptoml` command runs in this process, through the same typer app as the console script (no interpreter
     start-up, and coverage sees it); pass `BIN / "cryptoml"` for a separate process (to kill it, or run two at once).
-    The stages that dvc runs are always separate processes.
+    The stages that dvc runs are always separate processes. A process still running after `timeout` seconds is
+    killed and fails the test, naming the command: a hang must cost one test, not the whole CI run.
     """
     if cmd[0] == "cryptoml":
         result = run_cli(cmd, cwd, env)
     else:
-        full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-        result = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+        try:
+            result = subprocess.run(
+                cmd, cwd=cwd, env=venv_environment(env), capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as expired:
+            raise AssertionError(f"{' '.join(cmd)} did not end within {timeout:.0f} s in {cwd}") from expired
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result

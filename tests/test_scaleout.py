@@ -20,7 +20,7 @@ from cryptoml.cli import app
 from cryptoml.config import load_params
 from cryptoml.executor import SCHEDULER_ENV
 from cryptoml.pipeline import run_evaluate, run_features, run_fetch, run_train
-from tests.repo import BIN, FAST_TRAINING
+from tests.repo import BIN, COMMAND_TIMEOUT, FAST_TRAINING
 from tests.test_cli import write_params
 from tests.webhook import unused_port
 
@@ -148,6 +148,6 @@ def test_a_train_stage_killed_half_way_and_started_again_gives_the_same_outputs(
             break
     os.killpg(stage.pid, signal.SIGKILL)
     stage.wait()
-    subprocess.run(command, check=True, capture_output=True)
+    subprocess.run(command, check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
     run_evaluate(load_params(paths.PARAMS))
     assert output_bytes() == local_outputs

@@ -9,7 +9,9 @@ failure the message holds `dvc queue status`, every experiment's `dvc queue logs
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import pytest
 import yaml
 
 from cryptoml.executor import SCHEDULER_ENV
-from tests.repo import copy_repo, run, set_params
+from tests.repo import copy_repo, run, set_params, venv_environment
 from tests.test_executor import local_cluster
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +36,8 @@ SWEEP = {"lr-0.05": 0.05, "lr-0.2": 0.2}  # experiment name -> value; the worksp
 JOBS = 2
 EVALUATION = "metrics/evaluate.json"
 PRODUCTION = Path("models/production")
-SWEEP_TIMEOUT = 900.0  # seconds for both experiments; each full pipeline takes 15-40 s on a loaded 2-core machine
+SWEEP_TIMEOUT = 600.0  # seconds for both experiments; each full pipeline takes 15-40 s on a loaded 2-core machine
+START_TIMEOUT = 60.0  # seconds for `dvc queue start` to spawn the workers and exit
 POLL = 3.0
 WORKER_EXIT_TIMEOUT = 60.0  # seconds for the workers to exit after `dvc queue stop --kill`
 # A task that stays queued while no worker is alive (DVC issue 10562) is reported after this long: workers take a
@@ -88,10 +91,29 @@ def queue_processes(repo: Path) -> list[psutil.Process]:
     return found
 
 
+def start_workers(repo: Path, env: dict[str, str] | None) -> None:
+    """`dvc queue start -j 2`, its output in a file (the workers inherit `env`).
+
+    Not a pipe: each worker's manager is forked from `dvc queue start` and keeps its stdout open until the worker
+    exits, so reading a pipe to its end waits for the whole sweep, and forever for a worker that never exits.
+    """
+    output = repo / ".dvc/tmp/queue-start.out"
+    with output.open("w") as file:
+        started = subprocess.run(
+            ["dvc", "queue", "start", "-j", str(JOBS)],
+            cwd=repo,
+            env=venv_environment(env),
+            stdout=file,
+            stderr=subprocess.STDOUT,
+            timeout=START_TIMEOUT,
+        )
+    assert started.returncode == 0, f"dvc queue start exited {started.returncode}\n{output.read_text()}"
+
+
 def run_sweep(repo: Path, names: Sequence[str], env: dict[str, str] | None = None) -> str:
-    """`dvc queue start -j 2` (workers inherit `env`), then poll `dvc queue status` until none of `names` is queued
-    or running; fail with the diagnostics on a stall or a timeout. Returns the last status."""
-    run(["dvc", "queue", "start", "-j", str(JOBS)], repo, env=env)
+    """Start the workers, then poll `dvc queue status` until none of `names` is queued or running; fail with the
+    diagnostics on a stall or a timeout. Returns the last status."""
+    start_workers(repo, env)
     start = time.monotonic()
     while True:
         status = run(["dvc", "queue", "status"], repo).stdout
@@ -108,13 +130,18 @@ def run_sweep(repo: Path, names: Sequence[str], env: dict[str, str] | None = Non
 
 
 def stop_workers(repo: Path) -> None:
-    """`dvc queue stop --kill`, then wait for every process in the repository to exit; kill what outlives the wait."""
-    run(["dvc", "queue", "stop", "--kill"], repo, check=False)
-    deadline = time.monotonic() + WORKER_EXIT_TIMEOUT
-    while (left := queue_processes(repo)) and time.monotonic() < deadline:
-        time.sleep(1.0)
-    for process in left:  # started by this test's queue (their working directory is inside its repository)
-        process.kill()
+    """`dvc queue stop --kill`, then wait for every process in the repository to exit; kill what outlives the wait
+    (also when `dvc queue stop` itself hangs)."""
+    left: list[psutil.Process] = []
+    try:
+        run(["dvc", "queue", "stop", "--kill"], repo, check=False, timeout=WORKER_EXIT_TIMEOUT)
+    finally:
+        deadline = time.monotonic() + WORKER_EXIT_TIMEOUT
+        while (left := queue_processes(repo)) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        for process in left:  # started by this test's queue (their working directory is inside its repository)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
     assert not left, f"queue processes outlived `dvc queue stop --kill` by {WORKER_EXIT_TIMEOUT:.0f} s: {left}"
 
 
