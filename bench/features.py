@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import talib
 
-from cryptoml import features
-from cryptoml.features import FEATURE_PARAMS, FeatureManager
+from cryptoml.features import manager as features_module
+from cryptoml.features.manager import FEATURE_PARAMS, FeatureManager
 
 
 def random_candles(n_rows: int, seed: int = 0) -> pd.DataFrame:
@@ -63,7 +63,7 @@ def talib_indicators(candles: pd.DataFrame) -> Callable[[], None]:
 
 def first_call(manager: FeatureManager, candles: pd.DataFrame) -> str:
     """Time of the first generate_features call in this process, and whether its kernels were compiled or cached."""
-    kernels = [value for value in vars(features).values() if isinstance(value, numba.core.registry.CPUDispatcher)]
+    kernels = [value for value in vars(features_module).values() if isinstance(value, numba.core.registry.CPUDispatcher)]
     start = time.perf_counter()
     manager.generate_features(candles)
     elapsed = time.perf_counter() - start

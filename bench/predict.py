@@ -27,8 +27,8 @@ import pandas as pd
 import xgboost
 from sklearn.ensemble import RandomForestClassifier
 
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import FEATURE_NAMES
+from cryptoml.features.manager import FEATURE_NAMES
+from cryptoml.model.ensemble import ProductionEnsemble
 
 TRAIN_ROWS = 5_000
 ROW_POOL = 100  # distinct rows cycled through, so no call repeats its predecessor's input

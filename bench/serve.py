@@ -11,7 +11,7 @@ fitted with the same hyperparameters on the same rows (bench/predict.py's naive_
 Printed: single-row p50/p99 latency of both paths and their ratio (one-row DataFrames, the shape
 FeatureManager.generate_latest gives a bot); batch throughput on out-of-sample feature rows; wall
 time and peak RSS of fresh processes that import, load the model and predict one row (through the
-light cryptoml.serving.ServingModel, through ProductionEnsemble, onnxruntime alone, and a bot's whole
+light cryptoml.live.serving.ServingModel, through ProductionEnsemble, onnxruntime alone, and a bot's whole
 step with FeatureManager on CSV candles); artifact sizes;
 each target with its verdict. The machine may be shared: the load average is printed, and the
 figures are indicative.
@@ -34,16 +34,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cryptoml.config import Params, load_params
-from cryptoml.artifacts import COMPONENT_SUFFIXES, MANIFEST_NAME, ONNX_GRAPH, read_artifacts
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import LIVE_WINDOW, FeatureManager
-from cryptoml.labels import build_dataset
-from cryptoml.synthetic import simulate_candles
-from cryptoml.timeframe import parse_timeframe
-
 # bench/predict.py, beside this script: the naive path and the latency loop are shared with it.
 from predict import WARMUP_CALLS, latencies_ms, naive_predictor  # noqa: E402  (a script, not a package)
+
+from cryptoml.candles.synthetic import simulate_candles
+from cryptoml.candles.timeframe import parse_timeframe
+from cryptoml.config import Params, load_params
+from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.model.artifacts import COMPONENT_SUFFIXES, MANIFEST_NAME, ONNX_GRAPH, read_artifacts
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.labels import build_dataset
 
 TARGET_P50_MS = 0.3
 TARGET_SPEEDUP = 100.0
@@ -71,16 +71,16 @@ def report(imported, backend, p_up):
 FRESH_PROCESS = _SCRIPT_HEAD + """
 import numpy as np
 from pathlib import Path
-from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.model.ensemble import ProductionEnsemble
 imported = time.perf_counter()
 model = ProductionEnsemble.load(Path(sys.argv[1]))
 report(imported, model.serving_backend, model.predict_proba(np.array([json.loads(sys.argv[2])]))[0, 1])
 """
-# The light serving path: cryptoml.serving.ServingModel (no scikit-learn, pandas, LightGBM, XGBoost, numba).
+# The light serving path: cryptoml.live.serving.ServingModel (no scikit-learn, pandas, LightGBM, XGBoost, numba).
 SERVING_PROCESS = _SCRIPT_HEAD + """
 import numpy as np
 from pathlib import Path
-from cryptoml.serving import ServingModel
+from cryptoml.live.serving import ServingModel
 imported = time.perf_counter()
 model = ServingModel.load(Path(sys.argv[1]))
 report(imported, "ServingModel", model.predict_proba(np.array([json.loads(sys.argv[2])]))[0, 1])
@@ -88,9 +88,9 @@ report(imported, "ServingModel", model.predict_proba(np.array([json.loads(sys.ar
 # A bot's whole step: the light model plus FeatureManager on the last LIVE_WINDOW candles of a CSV (sys.argv[3]).
 BOT_PROCESS = _SCRIPT_HEAD + """
 from pathlib import Path
-from cryptoml.data import read_csv_candles, validate_candles
-from cryptoml.features import FeatureManager
-from cryptoml.serving import ServingModel
+from cryptoml.candles.store import read_csv_candles, validate_candles
+from cryptoml.features.manager import FeatureManager
+from cryptoml.live.serving import ServingModel
 imported = time.perf_counter()
 model = ServingModel.load(Path(sys.argv[1]))
 candles, _ = validate_candles(read_csv_candles(Path(sys.argv[3])), sys.argv[4], sys.argv[3])
@@ -208,7 +208,7 @@ def main() -> None:
         recent_csv = Path(scratch) / "recent.csv"
         history.to_csv(recent_csv, index=False, date_format="%Y-%m-%dT%H:%M:%SZ")
         print("\nfresh process: import, load, predict one row")
-        processes = {"ServingModel.load (cryptoml.serving)": fresh_process(SERVING_PROCESS, model_dir, row),
+        processes = {"ServingModel.load (cryptoml.live.serving)": fresh_process(SERVING_PROCESS, model_dir, row),
                      "ProductionEnsemble.load (cryptoml)": fresh_process(FRESH_PROCESS, model_dir, row),
                      "onnxruntime alone on the graph (floor)": fresh_process(GRAPH_ONLY_PROCESS, graph_path, row)}
         bot = fresh_process(BOT_PROCESS, model_dir, row, recent_csv, params.data.timeframe)

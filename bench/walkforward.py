@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryptoml.candles.store import fetch_candles, read_csv_candles, validate_candles
 from cryptoml.config import load_params
-from cryptoml.data import fetch_candles, read_csv_candles, validate_candles
-from cryptoml.executor import SCHEDULER_ENV, ExecutorSettings, TaskRun, run_tasks
-from cryptoml.features import FeatureManager
-from cryptoml.labels import build_dataset
+from cryptoml.features.manager import FeatureManager
+from cryptoml.model.executor import SCHEDULER_ENV, ExecutorSettings, TaskRun, run_tasks
+from cryptoml.model.labels import build_dataset
+from cryptoml.model.training import FitData, FitResult, FitTask, duration_text, fit_and_predict, plan_fits, run_training
 from cryptoml.pipeline import training_settings
-from cryptoml.training import FitData, FitResult, FitTask, duration_text, fit_and_predict, plan_fits, run_training
 
 
 def timed(data: FitData, tasks: Sequence[FitTask], executor: ExecutorSettings) -> tuple[float, TaskRun[FitResult]]:

@@ -11,7 +11,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptoml.artifacts import MANIFEST_NAME, ArtifactError
+from cryptoml.model.artifacts import MANIFEST_NAME, ArtifactError
 
 
 @dataclass
@@ -59,7 +59,7 @@ def manifest_digest(manifest: bytes) -> str:
 
 def served_model_digest(directory: Path) -> str:
     """The digest of the model `directory` serves, after a full verified load (raises ArtifactError otherwise)."""
-    from cryptoml.ensemble import ProductionEnsemble  # heavy: conftest imports this module for the ledger alone
+    from cryptoml.model.ensemble import ProductionEnsemble  # heavy: conftest imports this module for the ledger alone
 
     ProductionEnsemble.load(directory)
     return manifest_digest((directory / MANIFEST_NAME).read_bytes())

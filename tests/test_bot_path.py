@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cryptoml.artifacts import MANIFEST_NAME, read_artifacts
-from cryptoml.features import LIVE_WINDOW, FeatureManager
-from cryptoml.promotion import install_model
-from cryptoml.serving import ServingModel
-from cryptoml.synthetic import simulate_candles
+from cryptoml.candles.synthetic import simulate_candles
+from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.live.serving import ServingModel
+from cryptoml.model.artifacts import MANIFEST_NAME, read_artifacts
+from cryptoml.release.promotion import install_model
 from tests.faults import manifest_digest, record_production_check
 from tests.test_serving import fit
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryptoml.data import (
+from cryptoml.candles.store import (
     CANDLE_COLUMNS,
     CandleValidationError,
     read_candles,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cryptoml.artifacts import MANIFEST_NAME
+from cryptoml.model.artifacts import MANIFEST_NAME
 from tests.faults import manifest_digest, record_production_check
 from tests.moto_server import S3_ENV, s3_server
 from tests.repo import BIN, FAST_TRAINING, OPEN_GATE, commit_all, make_repo, release, run
@@ -219,7 +219,7 @@ def test_sigkill_during_pull_model_leaves_the_old_model_or_the_new_one(story: St
 READER = """
 import json, sys, time
 from pathlib import Path
-from cryptoml.serving import ServingModel
+from cryptoml.live.serving import ServingModel
 directory, stop, report = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 follower = ServingModel.load(directory)
 loads = failures = reloads = 0

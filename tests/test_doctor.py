@@ -14,15 +14,15 @@ import yaml
 from typer.testing import CliRunner
 
 from cryptoml import doctor, paths
-from cryptoml.artifacts import MANIFEST_NAME, ONNX_GRAPH
+from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.cli import app
 from cryptoml.config import load_params
 from cryptoml.doctor import CheckResult, run_check
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import FeatureManager
-from cryptoml.labels import build_dataset
-from cryptoml.promotion import METADATA_NAME, promote
-from cryptoml.synthetic import simulate_candles
+from cryptoml.features.manager import FeatureManager
+from cryptoml.model.artifacts import MANIFEST_NAME, ONNX_GRAPH
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.labels import build_dataset
+from cryptoml.release.promotion import METADATA_NAME, promote
 from tests.moto_server import S3_ENV, s3_server
 from tests.repo import REPO_ROOT, commit_all, run
 from tests.test_ensemble import rewrite_model_section

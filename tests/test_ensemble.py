@@ -23,13 +23,13 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import FunctionTransformer
 
-from cryptoml import artifacts as artifacts_module
-from cryptoml import ensemble as ensemble_module
-from cryptoml.artifacts import COMPONENT_SUFFIXES, MANIFEST_FORMAT, MANIFEST_NAME, MODEL_NAMES, ArtifactError, validate_weights
-from cryptoml.ensemble import DEFAULT_WEIGHTS, ProductionEnsemble
-from cryptoml.feature_spec import FEATURE_PARAMS
-from cryptoml.features import FEATURE_NAMES, FEATURE_VERSION, FeatureManager
-from cryptoml.serving import ServingModel
+from cryptoml.features.manager import FEATURE_NAMES, FEATURE_VERSION, FeatureManager
+from cryptoml.features.spec import FEATURE_PARAMS
+from cryptoml.live.serving import ServingModel
+from cryptoml.model import artifacts as artifacts_module
+from cryptoml.model import ensemble as ensemble_module
+from cryptoml.model.artifacts import COMPONENT_SUFFIXES, MANIFEST_FORMAT, MANIFEST_NAME, MODEL_NAMES, ArtifactError, validate_weights
+from cryptoml.model.ensemble import DEFAULT_WEIGHTS, ProductionEnsemble
 
 # Few, shallow trees: the contract does not depend on model size and the tests stay fast.
 SMALL_PARAMS = {name: {"n_estimators": 8} for name in MODEL_NAMES}
@@ -337,7 +337,7 @@ def test_saves_are_byte_identical_across_processes(tmp_path: Path) -> None:
     """The real rerun: separate interpreters (other memory addresses, hash seeds), default model size."""
     script = (
         "import sys; from pathlib import Path; from tests.test_ensemble import make_data;"
-        "from cryptoml.ensemble import ProductionEnsemble;"
+        "from cryptoml.model.ensemble import ProductionEnsemble;"
         "print(ProductionEnsemble(n_jobs=2).fit(*make_data(2000)).save(Path(sys.argv[1])))"
     )
     root = Path(__file__).resolve().parents[1]

@@ -22,10 +22,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cryptoml.artifacts import MODEL_NAMES
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.executor import ExecutorSettings
-from cryptoml.evaluation import (
+from cryptoml.candles.synthetic import simulate_candles
+from cryptoml.features.manager import FEATURE_NAMES, FeatureManager
+from cryptoml.io import METRICS_DECIMALS
+from cryptoml.model.artifacts import MODEL_NAMES
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.evaluation import (
     BASELINE_NAMES,
     MAX_CURVE_POINTS,
     PLOT_NAMES,
@@ -43,11 +45,9 @@ from cryptoml.evaluation import (
     roc_table,
     sharpe_ratio,
 )
-from cryptoml.features import FEATURE_NAMES, FeatureManager
-from cryptoml.labels import make_labels
-from cryptoml.synthetic import simulate_candles
-from cryptoml.io import METRICS_DECIMALS
-from cryptoml.training import FitSettings, TrainingResult, TrainingSettings, run_training
+from cryptoml.model.executor import ExecutorSettings
+from cryptoml.model.labels import make_labels
+from cryptoml.model.training import FitSettings, TrainingResult, TrainingSettings, run_training
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in MODEL_NAMES}
 HOUR = pd.Timedelta(hours=1)

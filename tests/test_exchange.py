@@ -15,14 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryptoml.data import CANDLE_COLUMNS
-from cryptoml.exchange import (
+from cryptoml.candles.exchange import (
     PAGE_LIMIT,
     ExchangeFetchError,
     candles_to_frame,
     fetch_exchange_candles,
     next_page_since,
 )
+from cryptoml.candles.store import CANDLE_COLUMNS
 from tests.fake_exchange import FakeBitbank, read_candle_csv
 
 HOUR = pd.Timedelta(hours=1)

@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 from distributed import LocalCluster
 
-from cryptoml.executor import (
+from cryptoml.features.spec import FEATURE_NAMES
+from cryptoml.model.executor import (
     SCHEDULER_ENV,
     ExecutorError,
     ExecutorSettings,
@@ -27,7 +28,6 @@ from cryptoml.executor import (
     map_tasks,
     run_tasks,
 )
-from cryptoml.feature_spec import FEATURE_NAMES
 from tests.webhook import unused_port
 
 SMALL_MODEL = {name: {"n_estimators": 5, "max_depth": 3} for name in ("lightgbm", "xgboost", "random_forest")}
@@ -59,7 +59,7 @@ def seeded_projection(shared: Shared, window: tuple[int, int]) -> bytes:
 def fit_small_ensemble(shared: Shared, seed: int) -> tuple[bytes, str]:
     """Fit on the first 200 rows, predict the rest; the predictions' bytes and the saved model's hash."""
     # Imported here: the other tasks' workers then start without the model libraries (seconds per process).
-    from cryptoml.ensemble import ProductionEnsemble
+    from cryptoml.model.ensemble import ProductionEnsemble
 
     frame = pd.DataFrame(shared["features"], columns=list(FEATURE_NAMES))
     model = ProductionEnsemble(model_params=SMALL_MODEL, random_state=seed, n_jobs=1)

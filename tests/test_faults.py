@@ -24,18 +24,18 @@ from hypothesis.extra.numpy import arrays
 from typer.testing import CliRunner
 
 from cryptoml import paths
-from cryptoml.artifacts import ArtifactError
+from cryptoml.candles.store import CANDLE_COLUMNS, NUMERIC_COLUMNS, PRICE_COLUMNS, CandleValidationError, validate_candles
+from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.cli import app
 from cryptoml.config import ParamsError, load_params, parse_params
-from cryptoml.data import CANDLE_COLUMNS, NUMERIC_COLUMNS, PRICE_COLUMNS, CandleValidationError, validate_candles
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import LIVE_WINDOW, FeatureManager
-from cryptoml.serving import ServingModel
-from cryptoml.synthetic import simulate_candles
+from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.live.serving import ServingModel
+from cryptoml.model.artifacts import ArtifactError
+from cryptoml.model.ensemble import ProductionEnsemble
+from tests.repo import FAST_TRAINING
 from tests.test_cli import workdir, write_params  # noqa: F401 (workdir is a fixture)
 from tests.test_config import raw, with_value  # noqa: F401 (raw is a fixture)
 from tests.test_ensemble import component_files, fit_small, rewrite_model_section
-from tests.repo import FAST_TRAINING
 
 pytestmark = pytest.mark.fault
 

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from cryptoml.alerts import WEBHOOK_ENV
-from cryptoml.artifacts import MANIFEST_NAME
+from cryptoml.live.alerts import WEBHOOK_ENV
+from cryptoml.model.artifacts import MANIFEST_NAME
 from tests.faults import manifest_digest, record_production_check, served_model_digest
 from tests.moto_server import S3_ENV, s3_server
 from tests.repo import FAST_TRAINING, OPEN_GATE, commit_all, make_repo, run

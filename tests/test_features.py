@@ -12,8 +12,7 @@ import talib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryptoml import features
-from cryptoml.features import FEATURE_NAMES, FEATURE_PARAMS, LIVE_WINDOW, FeatureManager
+from cryptoml.features.manager import FEATURE_NAMES, FEATURE_PARAMS, LIVE_WINDOW, REQUIRED_COLUMNS, FeatureManager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -152,7 +151,7 @@ def test_result_is_writable_and_independent_of_the_input(synthetic_candles: pd.D
     assert (candles["close"] > 0).all()
 
 
-@pytest.mark.parametrize("column", features.REQUIRED_COLUMNS)
+@pytest.mark.parametrize("column", REQUIRED_COLUMNS)
 @pytest.mark.fault
 def test_missing_column_is_named(synthetic_candles: pd.DataFrame, column: str) -> None:
     with pytest.raises(ValueError, match=rf"missing column\(s\) \['{column}'\]"):

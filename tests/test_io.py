@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import stat
 from pathlib import Path
 
-import pytest
-
-import math
-
 import numpy as np
+import pytest
 
 from cryptoml.io import METRICS_DECIMALS, atomic_path, dump_json, rounded_json, write_bytes_atomic, write_json_atomic
 

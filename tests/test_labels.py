@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cryptoml.labels import STEP_ANCHOR, align, build_dataset, make_labels, walk_forward_steps
+from cryptoml.model.labels import STEP_ANCHOR, align, build_dataset, make_labels, walk_forward_steps
 
 HOUR = pd.Timedelta(hours=1)
 

@@ -13,15 +13,16 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cryptoml import paths, synthetic
-from cryptoml.alerts import WEBHOOK_ENV
+from cryptoml import paths
+from cryptoml.candles import synthetic
+from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.cli import app
 from cryptoml.config import DEFAULT_DRIFT_FEATURES, LiveRules, MonitorParams, ParamsError, load_params
-from cryptoml.drift import PSI_EPSILON, bin_fractions, feature_reference, population_stability_index, reference_bins
-from cryptoml.feature_spec import FEATURE_NAMES
-from cryptoml.features import LIVE_WINDOW, FeatureManager
+from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.features.spec import FEATURE_NAMES
 from cryptoml.io import dump_json
-from cryptoml.monitoring import (
+from cryptoml.live.alerts import WEBHOOK_ENV
+from cryptoml.live.monitoring import (
     EXIT_CODES,
     drift_checks,
     feature_drift,
@@ -30,14 +31,14 @@ from cryptoml.monitoring import (
     parse_now,
     run_monitor,
 )
+from cryptoml.live.predict import StaleModelError, run_predict
+from cryptoml.model.drift import PSI_EPSILON, bin_fractions, feature_reference, population_stability_index, reference_bins
 from cryptoml.pipeline import run_evaluate, run_features, run_fetch, run_promote, run_train
-from cryptoml.predict import StaleModelError, run_predict
-from cryptoml.promotion import METADATA_NAME
-from cryptoml.synthetic import simulate_candles
+from cryptoml.release.promotion import METADATA_NAME
+from tests.repo import FAST_TRAINING
 from tests.test_cli import write_params
 from tests.test_serving import write_candles_csv
 from tests.webhook import webhook_receiver
-from tests.repo import FAST_TRAINING
 
 runner = CliRunner()
 HOUR = pd.Timedelta(hours=1)

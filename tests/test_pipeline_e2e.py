@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cryptoml.features import FEATURE_NAMES
+from cryptoml.features.manager import FEATURE_NAMES
 from tests.repo import commit_all, make_repo, run, set_params
 
 pytestmark = pytest.mark.e2e

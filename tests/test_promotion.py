@@ -20,12 +20,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from cryptoml import promotion
 from cryptoml.config import LabelParams
-from cryptoml.artifacts import MANIFEST_NAME, MODEL_NAMES, ModelArtifacts, read_artifacts
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.labels import make_labels
-from cryptoml.promotion import (
+from cryptoml.model.artifacts import MANIFEST_NAME, MODEL_NAMES, ModelArtifacts, read_artifacts
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.labels import make_labels
+from cryptoml.model.training import score
+from cryptoml.release import promotion
+from cryptoml.release.promotion import (
     METADATA_NAME,
     ChampionComparison,
     GateParams,
@@ -35,7 +36,6 @@ from cryptoml.promotion import (
     promote,
     read_production_metadata,
 )
-from cryptoml.training import score
 from tests.faults import manifest_digest, record_concurrent_loads, record_production_check
 from tests.test_ensemble import make_data
 
@@ -408,7 +408,7 @@ def test_unreadable_production_metadata_is_an_error(production_with_model: Path)
 def processes() -> BaseContext:
     """A fork server with the libraries imported once: children start in milliseconds, none inherits OpenMP state."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["cryptoml.promotion", __name__])
+    context.set_forkserver_preload(["cryptoml.release.promotion", __name__])
     return context
 
 

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.registry import RegistryError, production_changes, recorded_production
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.release.registry import RegistryError, production_changes, recorded_production
 from tests.repo import FAST_TRAINING, commit_all, make_repo, release, run, set_params
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cryptoml.ensemble import ProductionEnsemble
+from cryptoml.model.ensemble import ProductionEnsemble
 from tests.moto_server import S3_ENV, S3Server, s3_server
 from tests.repo import commit_all, copy_repo, run, set_params
 

@@ -19,11 +19,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cryptoml.alerts import MAX_CONTENT_CHARS, WEBHOOK_ENV, alert_payload, send_alert
+from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.cli import app
 from cryptoml.config import load_params
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.retrain import (
+from cryptoml.live.alerts import MAX_CONTENT_CHARS, WEBHOOK_ENV, alert_payload, send_alert
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.release.retrain import (
     MAX_BODY_CHARS,
     Outcome,
     RetrainError,
@@ -36,7 +37,6 @@ from cryptoml.retrain import (
     set_data_end,
     utc_iso,
 )
-from cryptoml.synthetic import simulate_candles
 from tests.fake_exchange import FakeBitbank
 from tests.repo import BIN, FAST_TRAINING, REPO_ROOT, commit_all, make_repo, run, set_params
 from tests.webhook import SECRET_PATH, Receiver, unreachable_url, unused_port, webhook_receiver

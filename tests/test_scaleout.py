@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cryptoml import paths
 from cryptoml.cli import app
 from cryptoml.config import load_params
-from cryptoml.executor import SCHEDULER_ENV
+from cryptoml.model.executor import SCHEDULER_ENV
 from cryptoml.pipeline import run_evaluate, run_features, run_fetch, run_train
 from tests.repo import BIN, COMMAND_TIMEOUT, FAST_TRAINING
 from tests.test_cli import write_params

@@ -19,24 +19,25 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from cryptoml import ensemble as ensemble_module
-from cryptoml import onnx_export, paths
-from cryptoml.artifacts import MANIFEST_NAME, MODEL_NAMES, ONNX_GRAPH, ArtifactError
+from cryptoml import paths
+from cryptoml.candles.store import write_parquet
+from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.cli import app
 from cryptoml.config import load_params
-from cryptoml.data import write_parquet
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import FEATURE_NAMES, LIVE_WINDOW, FeatureManager
-from cryptoml.labels import build_dataset
-from cryptoml.onnx_export import export_onnx
+from cryptoml.features.manager import FEATURE_NAMES, LIVE_WINDOW, FeatureManager
+from cryptoml.live.predict import run_predict
+from cryptoml.live.serving import BACKEND_ENV, PARITY_TOLERANCE, OnnxGraph, ParityError, ServingModel, pack_graph
+from cryptoml.model import ensemble as ensemble_module
+from cryptoml.model import onnx_export
+from cryptoml.model.artifacts import MANIFEST_NAME, MODEL_NAMES, ONNX_GRAPH, ArtifactError
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.labels import build_dataset
+from cryptoml.model.onnx_export import export_onnx
 from cryptoml.pipeline import production_metadata, run_evaluate, run_features, run_promote, run_train
-from cryptoml.predict import run_predict
-from cryptoml.promotion import METADATA_NAME, promote
-from cryptoml.serving import BACKEND_ENV, PARITY_TOLERANCE, OnnxGraph, ParityError, ServingModel, pack_graph
-from cryptoml.synthetic import simulate_candles
+from cryptoml.release.promotion import METADATA_NAME, promote
+from tests.repo import FAST_TRAINING
 from tests.test_cli import write_params
 from tests.test_ensemble import make_data, rewrite_model_section
-from tests.repo import FAST_TRAINING
 
 # Enough trees that every feature is split on many times, few enough to export in well under a second.
 PARAMS = {name: {"n_estimators": 20} for name in MODEL_NAMES}
@@ -334,7 +335,7 @@ def test_the_serving_model_refuses_reordered_columns_and_rows_with_nan(saved_dir
 def test_serving_imports_no_training_library(saved_dir: Path) -> None:
     """What keeps a serving process small (bench/serve.py measures its peak RSS): none of these is imported."""
     script = (
-        "import sys, numpy as np; from cryptoml.serving import ServingModel; "
+        "import sys, numpy as np; from cryptoml.live.serving import ServingModel; "
         f"ServingModel.load({str(saved_dir)!r}).predict(np.zeros((1, 12))); "
         "print(sorted({name.split('.')[0] for name in sys.modules} & {'sklearn', 'pandas', 'lightgbm', 'xgboost', 'numba', 'scipy', 'pydantic'}))"
     )

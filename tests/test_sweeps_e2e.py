@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from cryptoml.executor import SCHEDULER_ENV
+from cryptoml.model.executor import SCHEDULER_ENV
 from tests.repo import copy_repo, run, set_params, venv_environment
 from tests.test_executor import local_cluster
 

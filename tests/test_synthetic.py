@@ -11,17 +11,17 @@ import pytest
 from scipy.stats import kurtosis, spearmanr
 from sklearn.metrics import roc_auc_score
 
-from cryptoml.data import CANDLE_COLUMNS, validate_candles
-from cryptoml.features import FeatureManager
-from cryptoml.labels import align, make_labels
-from cryptoml.synthetic import (
+from cryptoml.candles.store import CANDLE_COLUMNS, validate_candles
+from cryptoml.candles.synthetic import (
     MEAN_REVERSION_KAPPA,
     MEAN_REVERSION_SPAN_BARS,
     START_PRICE_JPY,
     bar_grid,
     simulate_candles,
 )
-from cryptoml.timeframe import parse_timeframe
+from cryptoml.candles.timeframe import parse_timeframe
+from cryptoml.features.manager import FeatureManager
+from cryptoml.model.labels import align, make_labels
 
 START = pd.Timestamp("2023-01-01", tz="UTC")
 END = pd.Timestamp("2025-01-01", tz="UTC")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cryptoml.ensemble import ArtifactError, ProductionEnsemble
+from cryptoml.model.ensemble import ArtifactError, ProductionEnsemble
 from tests.repo import FAST_TRAINING, copy_repo, run
 
 pytestmark = pytest.mark.e2e

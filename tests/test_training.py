@@ -13,13 +13,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.executor import ExecutorSettings
-from cryptoml.features import FEATURE_NAMES, FeatureManager
-from cryptoml.labels import Step, build_dataset, walk_forward_steps
-from cryptoml.promotion import compare_with_champion
-from cryptoml.synthetic import simulate_candles
-from cryptoml.training import (
+from cryptoml.candles.synthetic import simulate_candles
+from cryptoml.features.manager import FEATURE_NAMES, FeatureManager
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.executor import ExecutorSettings
+from cryptoml.model.labels import Step, build_dataset, walk_forward_steps
+from cryptoml.model.training import (
     ENSEMBLE,
     OOS_COLUMNS,
     THRESHOLD_QUANTILES,
@@ -37,6 +36,7 @@ from cryptoml.training import (
     run_training,
     score,
 )
+from cryptoml.release.promotion import compare_with_champion
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in ("lightgbm", "xgboost", "random_forest")}
 SEED = 3

@@ -36,9 +36,9 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     They are shown as one clear message and exit code 1, without a traceback. Input checks raise ValueError
     subclasses by convention, so ValueError is in the list.
     """
-    from cryptoml.artifacts import ArtifactError
-    from cryptoml.exchange import ExchangeFetchError
-    from cryptoml.executor import ExecutorError
+    from cryptoml.candles.exchange import ExchangeFetchError
+    from cryptoml.model.artifacts import ArtifactError
+    from cryptoml.model.executor import ExecutorError
 
     return (ValueError, FileNotFoundError, ExchangeFetchError, ArtifactError, ExecutorError)
 
@@ -110,9 +110,9 @@ def promote(
 @_command
 def info(as_json: JsonOption = False) -> None:
     """Show the production model: hashes, provenance, training window, weights, threshold, out-of-sample metrics."""
-    from cryptoml.ensemble import ProductionEnsemble
     from cryptoml.io import dump_json
-    from cryptoml.promotion import read_production_metadata
+    from cryptoml.model.ensemble import ProductionEnsemble
+    from cryptoml.release.promotion import read_production_metadata
 
     model = ProductionEnsemble.load(paths.PRODUCTION_DIR)
     metadata = read_production_metadata(paths.PRODUCTION_DIR) or {}
@@ -148,7 +148,7 @@ def predict(
 ) -> None:
     """Signal (up/flat) and P(up) of the production model for the latest closed candle(s) in a CSV (>= 1000 candles)."""
     from cryptoml.io import dump_json
-    from cryptoml.predict import iso_utc, run_predict
+    from cryptoml.live.predict import iso_utc, run_predict
 
     params = load_params(params_file)
     max_age = params.monitor.max_model_age_days if params.monitor.refuse_stale_predictions else None
@@ -176,9 +176,9 @@ def monitor(
     Exit 0: ok. Exit 2: warn. Exit 3: alert. Exit 1: bad input. On warn or alert one message goes to the
     webhook in $CRYPTOML_ALERT_WEBHOOK (never printed).
     """
-    from cryptoml.alerts import send_alert
     from cryptoml.io import dump_json, write_bytes_atomic
-    from cryptoml.monitoring import alert_message, format_report, parse_now, render_html, run_monitor
+    from cryptoml.live.alerts import send_alert
+    from cryptoml.live.monitoring import alert_message, format_report, parse_now, render_html, run_monitor
 
     params = load_params(params_file)
     report = run_monitor(input_csv, params.data.timeframe, model_dir, params.monitor, parse_now(now))
@@ -194,7 +194,7 @@ def monitor(
 @_command
 def history() -> None:
     """List the registered versions of the production model (GTO tags), oldest first, and where `prod` is."""
-    from cryptoml.versions import MODEL_ARTIFACT, registered_versions
+    from cryptoml.release.versions import MODEL_ARTIFACT, registered_versions
 
     versions = registered_versions()
     if not versions:
@@ -219,7 +219,7 @@ def register(
 
     Idempotent: a second run creates nothing. A model that already has a version only gets `prod` again (a rollback).
     """
-    from cryptoml.versions import register as register_versions
+    from cryptoml.release.versions import register as register_versions
 
     result = register_versions(push_to=push)
     for tag in result.created:
@@ -234,7 +234,7 @@ def rollback(
     pull: Annotated[bool, typer.Option("--pull", help="fetch the model from the DVC remote when the cache lacks it")] = False,
 ) -> None:
     """Restore TARGET's production model, dvc.lock, params, metrics and plots; verified before anything changes."""
-    from cryptoml.rollback import ROLLBACK_FILES, run_rollback
+    from cryptoml.release.rollback import ROLLBACK_FILES, run_rollback
 
     before, after = run_rollback(target, pull=pull)
     production = after.production
@@ -257,7 +257,7 @@ def pull_model(
     remote_config: Annotated[list[str] | None, typer.Option("--remote-config", help="KEY=VALUE for that remote (repeatable)")] = None,
 ) -> None:
     """Make TO serve the model of STAGE (dvc artifacts get, verified, swapped); nothing is written when it already does."""
-    from cryptoml.deploy import pull_model as run_pull
+    from cryptoml.release.deploy import pull_model as run_pull
 
     result = run_pull(repo, to, stage=stage, remote=remote, remote_config=remote_config or ())
     if result.changed:
@@ -281,7 +281,7 @@ def retrain(
     Exit 0: promoted (branch committed, pull-request body written). Exit 2: rejected by the quality gate.
     Exit 1: failed. A rejection or failure alerts the webhook in $CRYPTOML_ALERT_WEBHOOK (never printed).
     """
-    from cryptoml.retrain import retrain as run_retrain
+    from cryptoml.release.retrain import retrain as run_retrain
 
     configure_logging()
     raise typer.Exit(code=int(run_retrain(until, base=base, pr_body=pr_body, push=push)))

@@ -10,10 +10,10 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cryptoml.artifacts import validate_weights
-from cryptoml.feature_spec import FEATURE_NAMES
+from cryptoml.candles.timeframe import parse_timeframe
+from cryptoml.features.spec import FEATURE_NAMES
+from cryptoml.model.artifacts import validate_weights
 from cryptoml.paths import PARAMS
-from cryptoml.timeframe import parse_timeframe
 
 
 class ParamsError(ValueError):
@@ -237,7 +237,7 @@ class Params(_Section):
         drop the warm-up rows and the labels the last label.horizon candles. A holdout of fewer rows than the
         warm-up plus the horizon is shorter than one indicator window: too few rows to score a model on.
         """
-        from cryptoml.features import FeatureManager  # heavy import, as for model.weights
+        from cryptoml.features.manager import FeatureManager  # heavy import, as for model.weights
 
         warmup, horizon = FeatureManager().warmup_rows, self.label.horizon
         step = parse_timeframe(self.data.timeframe)

@@ -26,14 +26,14 @@ from rich.console import Console
 from rich.text import Text
 
 from cryptoml import paths
-from cryptoml.artifacts import MANIFEST_NAME, Manifest
+from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.config import load_params
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import FeatureManager
-from cryptoml.promotion import METADATA_NAME, read_production_metadata
-from cryptoml.registry import RegistryError, dvc
-from cryptoml.serving import PARITY_TOLERANCE, compare_up_probabilities
-from cryptoml.synthetic import simulate_candles
+from cryptoml.features.manager import FeatureManager
+from cryptoml.live.serving import PARITY_TOLERANCE, compare_up_probabilities
+from cryptoml.model.artifacts import MANIFEST_NAME, Manifest
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.release.promotion import METADATA_NAME, read_production_metadata
+from cryptoml.release.registry import RegistryError, dvc
 
 PYPROJECT = Path("pyproject.toml")
 LOCK_FILE = Path("requirements.lock")

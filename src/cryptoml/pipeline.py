@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from cryptoml import paths
+from cryptoml.candles.store import fetch_candles, read_candles, write_parquet
+from cryptoml.candles.timeframe import parse_timeframe
 from cryptoml.config import Params
 from cryptoml.console import progress
-from cryptoml.data import fetch_candles, read_candles, write_parquet
-from cryptoml.artifacts import MANIFEST_NAME, OOS_PREDICTIONS, ArtifactError, read_model, read_oos_predictions
-from cryptoml.features import FeatureManager
-from cryptoml.timeframe import parse_timeframe
+from cryptoml.features.manager import FeatureManager
 from cryptoml.io import atomic_path, write_json_atomic
-from cryptoml.labels import make_labels
-from cryptoml.registry import source_commit
+from cryptoml.model.artifacts import MANIFEST_NAME, OOS_PREDICTIONS, ArtifactError, read_model, read_oos_predictions
+from cryptoml.model.labels import make_labels
+from cryptoml.release.registry import source_commit
 
 if TYPE_CHECKING:
-    from cryptoml.executor import ExecutorSettings
-    from cryptoml.promotion import Decision
-    from cryptoml.training import TrainingSettings
+    from cryptoml.model.executor import ExecutorSettings
+    from cryptoml.model.training import TrainingSettings
+    from cryptoml.release.promotion import Decision
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def read_training_inputs() -> tuple[pd.DataFrame, pd.Series]:
 
 
 def training_settings(params: Params) -> TrainingSettings:
-    from cryptoml.training import FitSettings, TrainingSettings
+    from cryptoml.model.training import FitSettings, TrainingSettings
 
     return TrainingSettings(
         horizon=params.label.horizon,
@@ -96,14 +96,14 @@ def training_settings(params: Params) -> TrainingSettings:
 
 def executor(params: Params) -> ExecutorSettings:
     """Where the fits run: params' executor section, or the Dask scheduler CRYPTOML_DASK_SCHEDULER names."""
-    from cryptoml.executor import executor_settings
+    from cryptoml.model.executor import executor_settings
 
     return executor_settings(params.executor.kind, params.executor.workers, params.executor.scheduler)
 
 
 def run_train(params: Params) -> None:
     """train: walk-forward replay of the retrain policy, threshold, production fit on every labelled row -> models/training/."""
-    from cryptoml.training import build_train_metrics, build_training_metadata, record_to_csv, run_training
+    from cryptoml.model.training import build_train_metrics, build_training_metadata, record_to_csv, run_training
 
     features, close = read_training_inputs()
     log.info("training on %d feature rows (walk-forward steps of %s)", len(features), params.retrain.every)
@@ -142,7 +142,7 @@ def run_train(params: Params) -> None:
 
 def stored_record(directory: Path) -> pd.DataFrame | None:
     """The verified out-of-sample record stored with the model in `directory`; None for a model without one."""
-    from cryptoml.training import record_from_csv
+    from cryptoml.model.training import record_from_csv
 
     data = read_oos_predictions(directory)
     return None if data is None else record_from_csv(data, f"{directory}/{MANIFEST_NAME} {OOS_PREDICTIONS}")
@@ -171,8 +171,8 @@ def write_plots(plots: dict[str, pd.DataFrame], directory: Path) -> None:
 
 def run_evaluate(params: Params) -> None:
     """evaluate: the policy's out-of-sample record against the frozen model and the baselines; backtest; plots."""
-    from cryptoml.ensemble import ProductionEnsemble
-    from cryptoml.evaluation import evaluate_walk_forward
+    from cryptoml.model.ensemble import ProductionEnsemble
+    from cryptoml.model.evaluation import evaluate_walk_forward
 
     model = ProductionEnsemble.load(paths.TRAINING_DIR, backend="native")
     record = stored_record(paths.TRAINING_DIR)
@@ -212,7 +212,7 @@ class Champion:
 
 def read_champion() -> tuple[Champion | None, str | None]:
     """The production model's identity and record, read and verified without loading any model; or why not."""
-    from cryptoml.training import record_from_csv
+    from cryptoml.model.training import record_from_csv
 
     if not (paths.PRODUCTION_DIR / MANIFEST_NAME).exists():
         return None, None
@@ -244,7 +244,7 @@ def production_metadata(champion: Champion | None, out_of_sample: dict[str, floa
 
     Promoting the served model again (a forced rerun) replaces nothing: it keeps the previous version it had.
     """
-    from cryptoml.promotion import read_production_metadata
+    from cryptoml.release.promotion import read_production_metadata
 
     metadata = json.loads(paths.TRAINING_METADATA.read_text())
     previous = None
@@ -269,8 +269,8 @@ def run_promote(params: Params) -> Decision:
     every row of the evaluation span (within serving.PARITY_TOLERANCE): otherwise ParityError ends the
     stage before the gate, and production and metrics/promotion.json are left as they were.
     """
-    from cryptoml.ensemble import ProductionEnsemble
-    from cryptoml.promotion import compare_with_champion, decide, promote, read_production_metadata
+    from cryptoml.model.ensemble import ProductionEnsemble
+    from cryptoml.release.promotion import compare_with_champion, decide, promote, read_production_metadata
 
     challenger = ProductionEnsemble.load(paths.TRAINING_DIR, backend="onnx")
     record = stored_record(paths.TRAINING_DIR)

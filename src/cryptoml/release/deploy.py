@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptoml.artifacts import ArtifactError, read_artifacts
-from cryptoml.promotion import METADATA_NAME, install_model
-from cryptoml.registry import RegistryError, dvc
-from cryptoml.versions import MODEL_ARTIFACT, PROD_STAGE
+from cryptoml.model.artifacts import ArtifactError, read_artifacts
+from cryptoml.release.promotion import METADATA_NAME, install_model
+from cryptoml.release.registry import RegistryError, dvc
+from cryptoml.release.versions import MODEL_ARTIFACT, PROD_STAGE
 
 
 class PullError(RegistryError):

@@ -8,7 +8,7 @@ puts it back (a rollback) only re-assigns `prod`. `dvc artifacts get`, `gto show
 Studio read these tags.
 
 Numbering: the first version is v1.0.0; a new model is a minor bump (a scheduled retrain, new params or code),
-and a major bump when the feature specification changed (the dvc.lock hash of src/cryptoml/feature_spec.py):
+and a major bump when the feature specification changed (the dvc.lock hash of src/cryptoml/features/spec.py):
 a bot must then compute other features, so the change is not a drop-in replacement.
 
 `register` is idempotent: what already exists is left alone, so running it twice changes nothing. Tags are
@@ -27,13 +27,13 @@ from typing import Any
 import yaml
 
 from cryptoml import paths
-from cryptoml.registry import ProductionVersion, RegistryError, git_output, production_at, production_changes
+from cryptoml.release.registry import ProductionVersion, RegistryError, git_output, production_at, production_changes
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "signal-model"
 PROD_STAGE = "prod"
-FEATURE_SPEC_SOURCE = "src/cryptoml/feature_spec.py"
+FEATURE_SPEC_SOURCE = "src/cryptoml/features/spec.py"
 DVC_YAML = "dvc.yaml"
 _ATTEMPTS = 3  # rounds of "read the tags, create what is missing" before a concurrent writer is an error
 

@@ -49,10 +49,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, f1_score, log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
-from cryptoml.features import FEATURE_NAMES
-from cryptoml.labels import make_labels
+from cryptoml.features.manager import FEATURE_NAMES
 from cryptoml.io import rounded_json
-from cryptoml.training import score
+from cryptoml.model.labels import make_labels
+from cryptoml.model.training import score
 
 PROBABILITY_CLIP = 1e-15
 MAX_CURVE_POINTS = 200

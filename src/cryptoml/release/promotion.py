@@ -52,7 +52,9 @@ from typing import Any
 
 import pandas as pd
 
-from cryptoml.artifacts import (
+from cryptoml.config import GateParams
+from cryptoml.io import dump_json, rounded_json, write_bytes_atomic
+from cryptoml.model.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
     ModelArtifacts,
@@ -60,10 +62,8 @@ from cryptoml.artifacts import (
     prune_components,
     read_artifacts,
 )
-from cryptoml.config import GateParams
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.evaluation import classification_metrics
-from cryptoml.io import dump_json, rounded_json, write_bytes_atomic
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.evaluation import classification_metrics
 
 METADATA_NAME = "production_model_metadata.json"
 # Digits kept in metrics/promotion.json: far finer than any gate limit, stable across platforms.

@@ -33,11 +33,11 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cryptoml.drift import feature_reference
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.executor import ExecutorSettings, TransferStats, run_tasks
 from cryptoml.io import METRICS_DECIMALS, rounded_json
-from cryptoml.labels import Holdout, Step, build_dataset, walk_forward_steps
+from cryptoml.model.drift import feature_reference
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.executor import ExecutorSettings, TransferStats, run_tasks
+from cryptoml.model.labels import Holdout, Step, build_dataset, walk_forward_steps
 
 ENSEMBLE = "ensemble"
 

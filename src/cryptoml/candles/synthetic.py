@@ -60,8 +60,8 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
-from cryptoml.data import CANDLE_COLUMNS
-from cryptoml.timeframe import parse_timeframe
+from cryptoml.candles.store import CANDLE_COLUMNS
+from cryptoml.candles.timeframe import parse_timeframe
 
 START_PRICE_JPY = 10_000_000.0
 PRICE_TICK_JPY = 1.0

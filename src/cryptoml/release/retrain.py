@@ -34,9 +34,9 @@ import pandas as pd
 import yaml
 
 from cryptoml import paths
-from cryptoml.alerts import WEBHOOK_ENV, send_alert
+from cryptoml.candles.timeframe import floor_to_grid
 from cryptoml.config import DataParams, load_params, parse_params
-from cryptoml.timeframe import floor_to_grid
+from cryptoml.live.alerts import WEBHOOK_ENV, send_alert
 
 log = logging.getLogger(__name__)
 

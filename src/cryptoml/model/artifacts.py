@@ -1,13 +1,13 @@
 """A saved model's files on disk: the manifest `ensemble.json`, its format, and the verified read.
 
-Kept apart from cryptoml.ensemble so that a process that only serves (cryptoml.serving.ServingModel)
+Kept apart from cryptoml.model.ensemble so that a process that only serves (cryptoml.live.serving.ServingModel)
 verifies a model without importing scikit-learn, pandas, LightGBM or XGBoost; it needs only the
 standard library and the feature spec (a pydantic schema would cost a serving process 16 MB).
 
 Component files are content-addressed (`<model>-<first 16 hex of sha256><suffix>`): other bytes
 always get another name, so a new model's files can be put beside an old model's without touching a
 file the old manifest lists, and only the atomic swap of the manifest switches a directory from one
-model to the other (see cryptoml.promotion). The manifest may name only these exact names, so it
+model to the other (see cryptoml.release.promotion). The manifest may name only these exact names, so it
 cannot point outside its directory. Every file's size and sha256 are checked before it is parsed.
 
 Formats: "cryptoml-ensemble/4" (written) lists the three model files, the ONNX graph and, for a model
@@ -30,7 +30,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_hash
+from cryptoml.features.spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_hash
 
 MODEL_NAMES: tuple[str, ...] = ("lightgbm", "xgboost", "random_forest")
 

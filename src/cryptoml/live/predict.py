@@ -17,10 +17,10 @@ from typing import Any
 
 import pandas as pd
 
-from cryptoml.data import read_csv_candles, summarize_candles, validate_candles
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.features import LIVE_WINDOW, FeatureManager
-from cryptoml.timeframe import parse_timeframe
+from cryptoml.candles.store import read_csv_candles, summarize_candles, validate_candles
+from cryptoml.candles.timeframe import parse_timeframe
+from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.model.ensemble import ProductionEnsemble
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Three kinds of check, each ok, warn or alert, with limits from params.yaml (`monitor:`):
 
-* Drift: the population stability index (cryptoml.drift) of each feature on the recent rows against the
+* Drift: the population stability index (cryptoml.model.drift) of each feature on the recent rows against the
   distribution stored with the model at training (`feature_reference` in its metadata), so only the production
   directory is needed. For the features in monitor.drift_features (by default those without a price or volume unit:
   returns_1, rsi_14, bb_position, zscore, volume_ratio): warn at PSI >= monitor.psi_warn, alert at >=
@@ -34,17 +34,17 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from cryptoml.candles.store import summarize_candles
 from cryptoml.config import LiveRules, MonitorParams
-from cryptoml.data import summarize_candles
-from cryptoml.drift import bin_fractions, population_stability_index
-from cryptoml.ensemble import ProductionEnsemble
-from cryptoml.evaluation import classification_metrics
-from cryptoml.feature_spec import FEATURE_NAMES
-from cryptoml.features import LIVE_WINDOW, FeatureManager
+from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.features.spec import FEATURE_NAMES
 from cryptoml.io import rounded_json
-from cryptoml.labels import make_labels
-from cryptoml.predict import iso_utc, model_age_days, model_data_end, read_closed_candles
-from cryptoml.promotion import METADATA_NAME, read_production_metadata
+from cryptoml.live.predict import iso_utc, model_age_days, model_data_end, read_closed_candles
+from cryptoml.model.drift import bin_fractions, population_stability_index
+from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.evaluation import classification_metrics
+from cryptoml.model.labels import make_labels
+from cryptoml.release.promotion import METADATA_NAME, read_production_metadata
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Feature drift: the training distribution of each feature, stored with the model, and the population stability index.
 
-Apart from cryptoml.monitoring because the train stage writes the reference into the model's metadata: this module
+Apart from cryptoml.live.monitoring because the train stage writes the reference into the model's metadata: this module
 is a dependency of that stage (dvc.yaml), the reports built on it are not.
 
 Binning: the edges are the deciles of a feature on the rows the final model was fitted on, rounded to

@@ -47,7 +47,7 @@ from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType
 from sklearn.ensemble import RandomForestClassifier
 
-from cryptoml.serving import INPUT_NAME, OUTPUT_NAME
+from cryptoml.live.serving import INPUT_NAME, OUTPUT_NAME
 
 # The graph: IR 10, opset 21, ai.onnx.ml 5 (the TreeEnsemble operator).
 IR_VERSION = 10

@@ -1,7 +1,7 @@
 """What the 12 features are: names, parameters and version, whose hash every model records.
 
-Apart from cryptoml.features (numba, pandas) so that checking a model's feature spec at load costs no
-heavy import; cryptoml.features computes the values from these same constants.
+Apart from cryptoml.features.manager (numba, pandas) so that checking a model's feature spec at load costs no
+heavy import; cryptoml.features.manager computes the values from these same constants.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cryptoml.candles.timeframe import parse_timeframe
 from cryptoml.config import DataParams
 from cryptoml.io import atomic_path
-from cryptoml.timeframe import parse_timeframe
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def fetch_candles(
     """Load the configured source for the window [data.start, data.end) and validate it."""
     first_line: int | None = None
     if params.source == "synthetic":
-        from cryptoml.synthetic import simulate_candles
+        from cryptoml.candles.synthetic import simulate_candles
 
         source = f"synthetic(seed={params.synthetic.seed})"
         raw = simulate_candles(params.start, params.end, params.timeframe, params.synthetic.seed)
@@ -255,7 +255,7 @@ def fetch_candles(
         raw = read_csv_candles(Path(params.csv.path))
         first_line = 2
     else:
-        from cryptoml.exchange import fetch_exchange_candles
+        from cryptoml.candles.exchange import fetch_exchange_candles
 
         cfg = params.exchange
         source = f"{cfg.id} {cfg.symbol} {params.timeframe}"

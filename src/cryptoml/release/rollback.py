@@ -25,10 +25,10 @@ from typing import Any
 import yaml
 
 from cryptoml import paths
-from cryptoml.artifacts import MANIFEST_NAME, ArtifactError, ModelArtifacts, is_component_file, read_artifacts, read_unlisted_component
-from cryptoml.promotion import METADATA_NAME, install_model
-from cryptoml.registry import RegistryError, dvc, git_output, production_record, recorded_production, restore_files
-from cryptoml.versions import MODEL_ARTIFACT, resolve_version
+from cryptoml.model.artifacts import MANIFEST_NAME, ArtifactError, ModelArtifacts, is_component_file, read_artifacts, read_unlisted_component
+from cryptoml.release.promotion import METADATA_NAME, install_model
+from cryptoml.release.registry import RegistryError, dvc, git_output, production_record, recorded_production, restore_files
+from cryptoml.release.versions import MODEL_ARTIFACT, resolve_version
 
 # What git keeps of a version: the lock, its params, and the uncached (cache: false) metrics and plots.
 ROLLBACK_FILES = (Path("dvc.lock"), paths.PARAMS, paths.METRICS_DIR, paths.PLOTS_DIR)

@@ -2,7 +2,7 @@
 
 A trading bot predicts one row per candle: three library predict calls cost far more than the trees
 on a single row, one onnxruntime call over one graph does not. The graph (built by
-cryptoml.onnx_export at save time) is stored gzip-compressed, because its trees are mostly repeated
+cryptoml.model.onnx_export at save time) is stored gzip-compressed, because its trees are mostly repeated
 node-id and mode fields, and it is hashed in the manifest like every other model file;
 `OnnxGraph.from_stored` is only ever called on bytes whose sha256 the manifest confirmed.
 
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from cryptoml.artifacts import MANIFEST_NAME, ONNX_GRAPH, ArtifactError, read_model
-from cryptoml.feature_spec import FEATURE_NAMES
+from cryptoml.features.spec import FEATURE_NAMES
+from cryptoml.model.artifacts import MANIFEST_NAME, ONNX_GRAPH, ArtifactError, read_model
 from cryptoml.paths import PRODUCTION_DIR
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ BACKENDS: tuple[str, ...] = ("onnx", "native")
 BACKEND_ENV = "CRYPTOML_BACKEND"
 PARITY_TOLERANCE = 1e-5
 _GZIP_LEVEL = 9
-# The graph's input (float64 features, rows x 12) and output (P(up) per row), shared with cryptoml.onnx_export.
+# The graph's input (float64 features, rows x 12) and output (P(up) per row), shared with cryptoml.model.onnx_export.
 INPUT_NAME = "features"
 OUTPUT_NAME = "p_up"
 LISTED_ROWS = 5  # offending rows an error message names

@@ -1,7 +1,7 @@
 """Closed candles from a ccxt exchange (bitbank BTC/JPY 1h in params.yaml): paged, rate-limited, retried.
 
 The weekly job only moves `end`, so fetching a past window [start, end) twice gives the same frame.
-Values are not validated here: `cryptoml.data` checks the OHLC rules on the frame returned.
+Values are not validated here: `cryptoml.candles.store` checks the OHLC rules on the frame returned.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import ccxt
 import pandas as pd
 
-from cryptoml.data import CANDLE_COLUMNS
+from cryptoml.candles.store import CANDLE_COLUMNS
 
 # Candles asked for per request: exchanges that page by count need it to bound a page;
 # bitbank serves one UTC day per request whatever the limit.

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import pandas as pd
 
-from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_PARAMS, FEATURE_VERSION, feature_spec, feature_spec_hash
+from cryptoml.features.spec import FEATURE_NAMES, FEATURE_PARAMS, FEATURE_VERSION, feature_spec, feature_spec_hash
 
 PRICE_COLUMNS: tuple[str, ...] = ("high", "low", "close")
 REQUIRED_COLUMNS: tuple[str, ...] = ("timestamp", *PRICE_COLUMNS, "volume")

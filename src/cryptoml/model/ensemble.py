@@ -2,7 +2,7 @@
 
 A saved model is a directory of native, pickle-free files (LightGBM text, XGBoost UBJSON, a skops
 RandomForest with deflated zip entries), the whole ensemble as one gzip-compressed ONNX graph (see
-cryptoml.onnx_export), and the manifest `ensemble.json`, written last, which holds every file's
+cryptoml.model.onnx_export), and the manifest `ensemble.json`, written last, which holds every file's
 sha256. Loading checks the hashes before any file is parsed and refuses a model built for another
 feature spec. The same data and parameters give byte-identical files, so the model hash identifies a
 model across reruns (with the pinned libraries and the same zlib, which compresses two of the files).
@@ -10,10 +10,10 @@ model across reruns (with the pinned libraries and the same zlib, which compress
 Serving: a loaded model predicts through the ONNX graph in onnxruntime when it has one (a fraction
 of a millisecond per row instead of tens of milliseconds for three library calls); `load(path,
 backend="native")` or CRYPTOML_BACKEND=native forces the native models. `component_proba`,
-`feature_importances` and a refit always use the native models. See cryptoml.serving for the parity
+`feature_importances` and a refit always use the native models. See cryptoml.live.serving for the parity
 bound between the two.
 
-The manifest, its content-addressed file names and the verified read are in cryptoml.artifacts.
+The manifest, its content-addressed file names and the verified read are in cryptoml.model.artifacts.
 
 Model hash (`model_sha256`): sha256 of the canonical JSON of the manifest's `model` section, which
 holds the hashes and sizes of the component files and the ONNX graph, the weights, the decision
@@ -49,7 +49,21 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.utils.validation import NotFittedError, check_is_fitted
 
-from cryptoml.artifacts import (
+from cryptoml.features.spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_hash
+from cryptoml.io import dump_json, write_bytes_atomic
+from cryptoml.live.serving import (
+    LISTED_ROWS,
+    PARITY_TOLERANCE,
+    OnnxGraph,
+    ParityReport,
+    array_rows,
+    compare_up_probabilities,
+    pack_graph,
+    requested_backend,
+    require_finite_rows,
+    require_parity,
+)
+from cryptoml.model.artifacts import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MODEL_NAMES,
@@ -65,21 +79,7 @@ from cryptoml.artifacts import (
     validated_int,
     validated_threshold,
 )
-from cryptoml.feature_spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_hash
-from cryptoml.io import dump_json, write_bytes_atomic
 from cryptoml.paths import PRODUCTION_DIR
-from cryptoml.serving import (
-    LISTED_ROWS,
-    PARITY_TOLERANCE,
-    OnnxGraph,
-    ParityReport,
-    array_rows,
-    compare_up_probabilities,
-    pack_graph,
-    require_finite_rows,
-    require_parity,
-    requested_backend,
-)
 
 DEFAULT_WEIGHTS: dict[str, float] = {"lightgbm": 0.4, "xgboost": 0.4, "random_forest": 0.2}
 DEFAULT_MODEL_PARAMS: dict[str, dict[str, Any]] = {
@@ -578,13 +578,13 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         The old manifest is removed first and the new one written last, each file atomically, so an
         interrupted save leaves a directory that load refuses rather than a mix of two models; then
         the files of any older model are removed. For a directory that readers load while it changes
-        (models/production), use cryptoml.promotion.promote instead.
+        (models/production), use cryptoml.release.promotion.promote instead.
         """
         check_is_fitted(self, _FITTED_ATTRIBUTES)
         provenance = _json_ready(dict(version_info or {}), "version_info")
         directory = Path(path)
         # Imported here: the converters cost about a second of imports that loading and predicting never need.
-        from cryptoml.onnx_export import export_onnx
+        from cryptoml.model.onnx_export import export_onnx
 
         graph = export_onnx(self.lightgbm_booster_, self.xgboost_booster_, self.random_forest_, self.weights_, list(FEATURE_NAMES))
         if parity_rows is not None:

@@ -1,0 +1,62 @@
+"""The package layering of docs/architecture.md, read from every module's imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SOURCE = Path(__file__).resolve().parents[1] / "src"
+PACKAGES = ("candles", "features", "model", "release", "live")
+EDGES = {"cryptoml.cli", "cryptoml.pipeline", "cryptoml.doctor"}
+
+
+def cryptoml_imports(path: Path) -> set[str]:
+    """Every cryptoml module that `path` imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "cryptoml":
+            if node.module == "cryptoml":
+                found.update(f"cryptoml.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] == "cryptoml")
+    return found
+
+
+def imports_of(package: str) -> dict[str, set[str]]:
+    """{module: the cryptoml modules it imports} for every module of `package`."""
+    root = SOURCE / "cryptoml" / package
+    return {".".join(path.relative_to(SOURCE).with_suffix("").parts): cryptoml_imports(path) for path in sorted(root.glob("*.py"))}
+
+
+def test_every_module_is_in_a_package_or_is_a_named_edge() -> None:
+    top_level = {path.stem for path in (SOURCE / "cryptoml").glob("*.py")}
+    assert top_level == {"__init__", "cli", "config", "console", "doctor", "io", "paths", "pipeline"}
+    assert {path.name for path in (SOURCE / "cryptoml").iterdir() if path.is_dir() and path.name != "__pycache__"} == set(PACKAGES)
+
+
+def test_the_features_import_nothing_else_from_cryptoml() -> None:
+    outside = {module: {name for name in names if not name.startswith("cryptoml.features")} for module, names in imports_of("features").items()}
+    assert outside == dict.fromkeys(outside, set())
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_package_imports_an_edge(package: str) -> None:
+    offending = {module: names & EDGES for module, names in imports_of(package).items() if names & EDGES}
+    assert offending == {}
+
+
+def test_the_model_builds_on_no_release_code_and_on_live_serving_only() -> None:
+    upward = {
+        module: {name for name in names if name.startswith(("cryptoml.release", "cryptoml.live")) and name != "cryptoml.live.serving"}
+        for module, names in imports_of("model").items()
+    }
+    assert upward == dict.fromkeys(upward, set())
+
+
+def test_the_bots_import_reaches_only_the_spec_the_manifest_and_the_paths() -> None:
+    assert cryptoml_imports(SOURCE / "cryptoml/live/serving.py") == {"cryptoml.features.spec", "cryptoml.model.artifacts", "cryptoml.paths"}
+    assert cryptoml_imports(SOURCE / "cryptoml/model/artifacts.py") == {"cryptoml.features.spec"}
