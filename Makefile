@@ -20,7 +20,7 @@ repro: $(STAMP)
 	dvc repro
 
 test: $(STAMP)
-	pytest --cov --cov-report=term --cov-fail-under=85 -m "not slow"
+	pytest --cov --cov-report=term --cov-fail-under=85 -m "not slow" --durations=15
 
 test-slow: $(STAMP)
 	pytest -m slow
