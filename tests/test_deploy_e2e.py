@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from cryptoml.model.artifacts import MANIFEST_NAME
+from cryptoml.release.deploy import pull_state_path
 from tests.faults import manifest_digest, record_production_check
 from tests.moto_server import S3_ENV, s3_server
 from tests.repo import BIN, FAST_TRAINING, OPEN_GATE, commit_all, make_repo, release, run
@@ -185,6 +186,35 @@ def test_a_pull_from_a_wrong_repo_or_remote_or_without_credentials_leaves_the_di
         assert f"{bot} is unchanged (it serves sha256:" in result.stderr, (case, result.stderr)
         assert directory_files(bot) == before, case
         record_production_check(bot, before=story.v2.digest)
+
+
+def test_a_poll_downloads_nothing_until_the_stage_is_reassigned_or_the_directory_changes(story: Story, tmp_path: Path) -> None:
+    """The DVC remote is moved away for the second poll: it can only succeed without a download."""
+    bot = tmp_path / "bot"
+    pull_model(story, bot)
+    served = directory_files(bot)
+    remote, away = story.root / "dvc-remote", story.root / "dvc-remote-away"
+    remote.rename(away)
+    try:
+        started = time.perf_counter()
+        assert "nothing downloaded" in pull_model(story, bot).stdout
+        skipped = time.perf_counter() - started
+        assert directory_files(bot) == served
+        pull_state_path(bot).unlink()  # no record of the last pull: the poll must download, and the remote is away
+        failed = pull_model(story, bot, check=False)
+        assert failed.returncode == 1 and f"{bot} is unchanged" in failed.stderr, failed.stderr
+    finally:
+        away.rename(remote)
+    pull_model(story, bot)
+    shutil.rmtree(bot)  # the directory replaced by hand (here with v1): the record no longer describes it
+    bot.mkdir()
+    for name, data in story.v1.files.items():
+        (bot / name).write_bytes(data)
+    v2_hash = json.loads(story.v2.files[MANIFEST_NAME])["model_sha256"]
+    started = time.perf_counter()
+    assert f"-> {v2_hash}" in pull_model(story, bot).stdout
+    print(f"pull-model poll: {skipped:.2f} s with nothing to download, {time.perf_counter() - started:.2f} s with a download and swap")
+    assert (bot / MANIFEST_NAME).read_bytes() == served[MANIFEST_NAME]  # v1's files stay until the next swap
 
 
 def _kill_group(process: subprocess.Popen[str]) -> None:

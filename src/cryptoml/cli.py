@@ -262,8 +262,10 @@ def pull_model(
     result = run_pull(repo, to, stage=stage, remote=remote, remote_config=remote_config or ())
     if result.changed:
         typer.echo(f"{to}: {result.previous_sha256 or 'no model'} -> {result.model_sha256} ({stage})")
-    else:
+    elif result.downloaded:
         typer.echo(f"{to}: already serves {result.model_sha256} ({stage}); nothing changed")
+    else:
+        typer.echo(f"{to}: already serves {result.model_sha256} ({stage}); nothing changed, nothing downloaded ({stage} not reassigned)")
 
 
 @app.command()
