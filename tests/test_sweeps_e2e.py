@@ -13,7 +13,7 @@ import contextlib
 import json
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,18 +146,20 @@ def stop_workers(repo: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sweep]:
+def sweep(reproduced_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """The sweep, its workers stopped before the results are read (a worker can hold the experiments' lock that
+    `dvc exp show` waits for: treeverse/dvc#8762)."""
     repo = copy_repo(reproduced_repo, tmp_path_factory.mktemp("sweep"))
     before = workspace_files(repo)
     try:
         for name, value in SWEEP.items():
             run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"{SWEPT}={value}"], repo)
         status = run_sweep(repo, list(SWEEP))
-        show = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-        show_md = run(["dvc", "exp", "show", "--md"], repo).stdout
-        yield Sweep(repo, before, workspace_files(repo), show, show_md, status)
     finally:
         stop_workers(repo)
+    show = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    show_md = run(["dvc", "exp", "show", "--md"], repo).stdout
+    return Sweep(repo, before, workspace_files(repo), show, show_md, status)
 
 
 def experiments(show: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
