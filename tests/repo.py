@@ -76,9 +76,8 @@ def run_cli(cmd: list[str], cwd: Path, env: dict[str, str] | None) -> subprocess
 
     from cryptoml.cli import app
 
-    path = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with contextlib.chdir(cwd):
-        result = CliRunner().invoke(app, cmd[1:], env={**path, **(env or {})})
+        result = CliRunner().invoke(app, cmd[1:], env=venv_environment(env))
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(cmd, result.exit_code, result.stdout, result.stderr)
