@@ -49,6 +49,7 @@ class Story:
     root: Path
     repo: Path
     origin: Path
+    dvc_remote: Path  # the local-directory DVC remote committed in the repository's .dvc/config
     v1: Version
     v2: Version
 
@@ -84,13 +85,14 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Story:
     # Not a copy of the session's reproduced pipeline: `dvc artifacts get` reads each version's own .dvc/config, so
     # the remote must be committed before the first version.
     repo = make_repo(root, {**FAST_TRAINING, **OPEN_GATE})
-    run(["dvc", "remote", "add", "-d", "local", str(root / "dvc-remote")], repo)
+    dvc_remote = root / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "local", str(dvc_remote)], repo)
     commit_all(repo, "DVC remote")
     run(["git", "remote", "add", "origin", str(origin)], repo)
     v1 = publish(repo, {}, "v1")
     v2 = publish(repo, {"model.random_state": 43}, "v2")
     assert v1.digest != v2.digest
-    return Story(root, repo, origin, v1, v2)
+    return Story(root, repo, origin, dvc_remote, v1, v2)
 
 
 def origin_tags(story: Story) -> dict[str, str]:
@@ -193,7 +195,7 @@ def test_a_poll_downloads_nothing_until_the_stage_is_reassigned_or_the_directory
     bot = tmp_path / "bot"
     pull_model(story, bot)
     served = directory_files(bot)
-    remote, away = story.root / "dvc-remote", story.root / "dvc-remote-away"
+    remote, away = story.dvc_remote, story.dvc_remote.with_name("dvc-remote-away")
     remote.rename(away)
     try:
         started = time.perf_counter()

@@ -132,7 +132,6 @@ def run_sweep(repo: Path, names: Sequence[str], env: dict[str, str] | None = Non
 def stop_workers(repo: Path) -> None:
     """`dvc queue stop --kill`, then wait for every process in the repository to exit; kill what outlives the wait
     (also when `dvc queue stop` itself hangs)."""
-    left: list[psutil.Process] = []
     try:
         run(["dvc", "queue", "stop", "--kill"], repo, check=False, timeout=WORKER_EXIT_TIMEOUT)
     finally:
