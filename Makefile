@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-slow test-faults bench lock clean-venv dvc-remote
+.PHONY: setup repro test test-slow test-faults test-hypothesis test-shuffled bench lock clean-venv dvc-remote
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	pytest --cov --cov-report=term --cov-fail-under=85 -m "not slow" --durations=15
+
+# Exploration, not CI: every Hypothesis test with 2,000 fresh random examples (tests/conftest.py's profiles).
+test-hypothesis: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough pytest -m hypothesis
+
+# The suite in a shuffled order of files and tests (the seed is printed; --random-order-seed=N replays it).
+test-shuffled: $(STAMP)
+	pytest -p random_order --random-order -m "not slow"
 
 test-slow: $(STAMP)
 	pytest -m slow

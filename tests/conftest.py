@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.faults import LEDGER
 from tests.repo import reproduce_once
@@ -16,6 +17,14 @@ from tests.repo import reproduce_once
 # Dask's loggers get a handler on the stderr of the moment they are configured (pytest's capture, closed later):
 # its shutdown messages would then print "--- Logging error ---" tracebacks. Errors still show.
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE. "ci" (make test, CI) is derandomized: a run's examples depend
+# only on the code, so a test that passed on a commit passes on every run of it. "random" draws new examples each run
+# and "thorough" 2,000 of them per test, to explore (make test-hypothesis); a failure found there becomes an @example.
+settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.register_profile("random", deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

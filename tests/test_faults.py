@@ -331,24 +331,26 @@ def check_features_alone(frame: pd.DataFrame) -> None:
     assert np.isfinite(features.to_numpy()).all(), features[~np.isfinite(features).all(axis=1)]
 
 
-FAST_EXAMPLES, SLOW_EXAMPLES = 300, 3000
+# At least these many examples; the profile's own count when it asks for more (tests/conftest.py).
+FAST_EXAMPLES = max(300, settings.default.max_examples)
+SLOW_EXAMPLES = max(3000, settings.default.max_examples)
 
 
 @given(candle_frames())
-@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True)
+@settings(max_examples=FAST_EXAMPLES)
 def test_malformed_frames_are_refused_by_the_validator_or_give_finite_features(frame: pd.DataFrame) -> None:
     check_validator_then_features(frame)
 
 
 @given(candle_frames())
-@settings(max_examples=FAST_EXAMPLES, deadline=None, derandomize=True)
+@settings(max_examples=FAST_EXAMPLES)
 def test_malformed_frames_are_refused_by_the_feature_manager_or_give_finite_features(frame: pd.DataFrame) -> None:
     check_features_alone(frame)
 
 
 @pytest.mark.slow
 @given(candle_frames())
-@settings(max_examples=SLOW_EXAMPLES, deadline=None, derandomize=True)
+@settings(max_examples=SLOW_EXAMPLES)
 def test_many_malformed_frames_against_the_validator_and_the_feature_manager(frame: pd.DataFrame) -> None:
     check_validator_then_features(frame.copy())
     check_features_alone(frame)

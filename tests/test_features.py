@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import talib
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cryptoml.features.manager import FEATURE_NAMES, FEATURE_PARAMS, LIVE_WINDOW, REQUIRED_COLUMNS, FeatureManager
@@ -327,7 +327,6 @@ def candle_frames(draw: st.DrawFn) -> pd.DataFrame:
     )
 
 
-@settings(max_examples=60, deadline=None)
 @given(candles=candle_frames())
 def test_features_are_finite_and_in_range(candles: pd.DataFrame) -> None:
     result = MANAGER.generate_features(candles)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cryptoml.model.labels import STEP_ANCHOR, align, build_dataset, make_labels, walk_forward_steps
@@ -109,6 +109,19 @@ def test_align_refuses_frames_without_common_timestamps() -> None:
 WEEK = pd.Timedelta("7D")
 
 
+def _expected_refusal(index: pd.DatetimeIndex, fraction: float, every: pd.Timedelta, warmup_steps: int, gap: int) -> str | None:
+    """What walk_forward_steps must refuse for a gap-free hourly index, worked out by hand; None if nothing."""
+    first_holdout = index[len(index) - round(len(index) * fraction)]
+    span_start = STEP_ANCHOR + -((STEP_ANCHOR - first_holdout) // every) * every  # first boundary at or after it
+    if span_start > index[-1]:
+        return "holds no retrain.every=.* step boundary"
+    first_row = max(0, -((index[0] - (span_start - warmup_steps * every)) // HOUR))  # first row of the first warm-up step
+    if first_row - gap < 1:
+        return "training rows"
+    return None
+
+
+@example(n_days=40, fraction=0.1015625, every_days=7, warmup_steps=1, horizon=1, embargo=0)  # issue 18: no boundary
 @given(
     n_days=st.integers(40, 120),
     fraction=st.floats(0.1, 0.5),
@@ -120,8 +133,15 @@ WEEK = pd.Timedelta("7D")
 def test_walk_forward_steps_are_chronological_purged_and_calendar_anchored(
     n_days: int, fraction: float, every_days: int, warmup_steps: int, horizon: int, embargo: int
 ) -> None:
+    """For every input: either the documented refusal (no step boundary in the span, no training row before the first
+    warm-up step), or steps that are chronological, purged and anchored on the calendar."""
     index = hourly_index(n_days * 24, start="2024-01-03 05:00")
     every = pd.Timedelta(days=every_days)
+    refusal = _expected_refusal(index, fraction, every, warmup_steps, horizon + embargo)
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal):
+            walk_forward_steps(index, fraction, every, warmup_steps, horizon, embargo)
+        return
     steps = walk_forward_steps(index, fraction, every, warmup_steps, horizon, embargo)
     scored = [step for step in steps if step.scored]
     assert [step.number for step in steps] == list(range(1, len(steps) + 1))
@@ -140,6 +160,14 @@ def test_walk_forward_steps_are_chronological_purged_and_calendar_anchored(
     # The span starts at the first step boundary at or after the holdout's first row.
     first_holdout = index[len(index) - round(len(index) * fraction)]
     assert first_holdout <= index[scored[0].start] < first_holdout + every
+
+
+def test_a_holdout_without_a_step_boundary_is_refused_naming_the_keys() -> None:
+    """Issue 18's failing example: the last 98 of 960 hourly rows start on a Thursday 03:00 and end the next Monday,
+    so no weekly boundary (Thursdays 00:00 from the epoch) falls inside them."""
+    index = hourly_index(40 * 24, start="2024-01-03 05:00")
+    with pytest.raises(ValueError, match=r"split.holdout=0.1015625.*holds no retrain.every=7 days.*make split.holdout longer"):
+        walk_forward_steps(index, 0.1015625, WEEK, 1, horizon=1, embargo=0)
 
 
 def test_a_later_data_end_keeps_every_earlier_step() -> None:
