@@ -38,6 +38,9 @@ OPEN_GATE = {
     "gate.max_log_loss_ratio": None,
     "gate.champion_tolerance": 1.0,
     "gate.champion_log_loss_tolerance": 1.0e3,
+    "gate.min_rule_return": None,
+    "gate.min_rule_psr": None,
+    "gate.champion_return_tolerance": 1.0e3,
 }
 
 

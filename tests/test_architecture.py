@@ -57,6 +57,9 @@ def test_the_model_builds_on_no_release_code_and_on_live_serving_only() -> None:
     assert upward == dict.fromkeys(upward, set())
 
 
-def test_the_bots_import_reaches_only_the_spec_the_manifest_and_the_paths() -> None:
-    assert cryptoml_imports(SOURCE / "cryptoml/live/serving.py") == {"cryptoml.features.spec", "cryptoml.model.artifacts", "cryptoml.paths"}
-    assert cryptoml_imports(SOURCE / "cryptoml/model/artifacts.py") == {"cryptoml.features.spec"}
+def test_the_bots_import_reaches_only_the_spec_the_manifest_the_rule_and_the_paths() -> None:
+    assert cryptoml_imports(SOURCE / "cryptoml/live/serving.py") == {
+        "cryptoml.features.spec", "cryptoml.model.artifacts", "cryptoml.model.rule", "cryptoml.paths"
+    }
+    assert cryptoml_imports(SOURCE / "cryptoml/model/artifacts.py") == {"cryptoml.features.spec", "cryptoml.model.rule"}
+    assert cryptoml_imports(SOURCE / "cryptoml/model/rule.py") == set()

@@ -78,7 +78,14 @@ def test_repository_params_are_valid() -> None:
         ("gate.champion_tolerance", -0.01, "gate.champion_tolerance"),
         ("gate.min_f1", "0.6", "gate.min_f1"),
         ("gate.min_mcc", True, "gate.min_mcc"),
-        ("evaluate.fee", -1.0e-3, "evaluate.fee"),
+        ("costs.fee", -1.0e-3, "costs.fee"),
+        ("costs.slippage", float("nan"), "costs.slippage"),
+        ("trading.grid", {"low": 0.6, "high": 0.2, "step": 0.02}, "trading.grid.low (0.6) must be at most trading.grid.high (0.2)"),
+        ("trading.grid", {"low": 0.1, "high": 0.9, "step": 0.001}, "trading.grid holds more than 200"),
+        ("trading.min_hold", [1, 0], "trading.min_hold"),
+        ("trading.min_hold", [], "trading.min_hold"),
+        ("gate.min_rule_psr", 1.5, "gate.min_rule_psr"),
+        ("gate.min_rule_return", -1.0, "gate.min_rule_return"),
     ],
 )
 @pytest.mark.fault

@@ -1,4 +1,4 @@
-"""Walk-forward scores, baselines, the after-fee backtest, plot tables and evaluate.json content."""
+"""Walk-forward scores, baselines, the strategies' after-cost economics, plot tables and the evaluation report."""
 
 from __future__ import annotations
 
@@ -32,27 +32,27 @@ from cryptoml.model.evaluation import (
     MAX_CURVE_POINTS,
     PLOT_NAMES,
     PROBABILITY_CLIP,
+    HEADLINE,
+    REFERENCE,
+    STRATEGIES,
     EvaluationResult,
-    backtest,
     baseline_probabilities,
     calibration_table,
     classification_metrics,
     evaluate_walk_forward,
-    max_drawdown,
-    periods_per_year,
     persistence_labels,
     precision_recall_table,
     roc_table,
-    sharpe_ratio,
 )
+from cryptoml.model.backtest import next_bar_returns, path_figures, periods_per_year
 from cryptoml.model.executor import ExecutorSettings
 from cryptoml.model.labels import make_labels
-from cryptoml.model.training import FitSettings, TrainingResult, TrainingSettings, run_training
+from cryptoml.model.training import FitSettings, RuleSettings, TrainingResult, TrainingSettings, run_training
+from cryptoml.model.trading import Costs, RuleGrid
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in MODEL_NAMES}
 HOUR = pd.Timedelta(hours=1)
-DAY = pd.Timedelta(days=1)
-FEE = 1.0e-3
+COST = 1.2e-3
 
 
 def hourly_series(values: list[float] | np.ndarray, start: str = "2024-01-01") -> pd.Series:
@@ -200,82 +200,6 @@ def test_class_prior_takes_one_rate_per_row() -> None:
     np.testing.assert_array_equal(baselines["class_prior"], rates)
 
 
-# --- backtest -----------------------------------------------------------------------------------
-
-
-def test_backtest_charges_a_fee_per_side_and_counts_trades() -> None:
-    close = hourly_series([100.0, 110.0, 99.0, 99.0, 108.9, 120.0])
-    signal = pd.Series([1, 1, 0, 1, 1], index=close.index[:5])
-    fee = 0.01
-    result = backtest(signal, close, fee=fee, timeframe=HOUR)
-    keep = 1.0 - fee
-
-    # Bars: enter and +10 %, hold -10 %, leave (flat), enter and +10 %, hold +120/108.9.
-    strategy_factors = [keep * 1.1, 0.9, keep, keep * 1.1, 120.0 / 108.9]
-    strategy = result.metrics["strategy"]
-    assert strategy["total_return"] == pytest.approx(np.prod(strategy_factors) - 1.0)
-    assert strategy["trades"] == 3
-    assert strategy["hit_rate"] == 3 / 4
-    assert strategy["exposure"] == 4 / 5
-    holding = result.metrics["buy_and_hold"]
-    assert holding["total_return"] == pytest.approx(keep * 120.0 / 100.0 - 1.0)
-    assert holding["trades"] == 1
-    assert result.metrics["bars"] == 5
-
-    equity = result.equity
-    assert list(equity.columns) == ["timestamp", "strategy", "buy_and_hold"]
-    assert equity["timestamp"].tolist() == close.index.tolist()
-    assert equity["strategy"].to_numpy() == pytest.approx(np.cumprod([1.0, *strategy_factors]))
-    assert strategy["max_drawdown"] == pytest.approx(max_drawdown(equity["strategy"].to_numpy()))
-
-
-def test_backtest_drops_only_the_last_row_when_close_ends_there() -> None:
-    close = hourly_series([100.0, 101.0, 102.0, 101.0])
-    result = backtest(pd.Series([1, 0, 1, 1], index=close.index), close, fee=0.0, timeframe=HOUR)
-    assert result.metrics["bars"] == 3
-    assert result.metrics["buy_and_hold"]["total_return"] == pytest.approx(101.0 / 100.0 - 1.0)
-    assert len(result.equity) == 4
-
-
-def test_a_flat_strategy_has_defined_figures() -> None:
-    close = hourly_series([100.0, 101.0, 99.0])
-    strategy = backtest(pd.Series([0, 0], index=close.index[:2]), close, fee=FEE, timeframe=HOUR).metrics["strategy"]
-    assert strategy == {"total_return": 0.0, "sharpe": 0.0, "max_drawdown": 0.0, "trades": 0, "hit_rate": 0.0, "exposure": 0.0}
-
-
-def test_backtest_refuses_holdout_rows_that_skip_bars() -> None:
-    close = hourly_series([100.0, 101.0, 102.0, 103.0])
-    with pytest.raises(ValueError, match="holdout rows must be consecutive bars of close"):
-        backtest(pd.Series([1, 1], index=close.index[[0, 2]]), close, fee=FEE, timeframe=HOUR)
-
-
-@pytest.mark.parametrize("fee", [-0.001, 1.0, math.nan])
-def test_backtest_refuses_a_fee_outside_0_1(fee: float) -> None:
-    close = hourly_series([100.0, 101.0])
-    with pytest.raises(ValueError, match="fee must be a fraction per trade side"):
-        backtest(pd.Series([1], index=close.index[:1]), close, fee=fee, timeframe=HOUR)
-
-
-def test_max_drawdown_of_a_known_path() -> None:
-    assert max_drawdown(np.array([1.0, 1.2, 0.9, 1.5, 1.0])) == pytest.approx(1.0 / 1.5 - 1.0)
-    assert max_drawdown(np.array([1.0, 1.1, 1.2])) == 0.0
-
-
-def test_sharpe_is_annualised_by_bars_per_year() -> None:
-    assert periods_per_year(HOUR) == 365 * 24
-    assert periods_per_year(DAY) == 365
-    returns = np.random.default_rng(0).normal(0.001, 0.01, 100)
-    hourly, daily = sharpe_ratio(returns, periods_per_year(HOUR)), sharpe_ratio(returns, periods_per_year(DAY))
-    assert hourly / daily == pytest.approx(math.sqrt(24))
-    assert daily == pytest.approx(returns.mean() / returns.std(ddof=1) * math.sqrt(365))
-    assert sharpe_ratio(np.full(10, 0.001), periods_per_year(HOUR)) == 0.0
-
-
-def test_timeframe_must_be_a_positive_timedelta() -> None:
-    with pytest.raises(ValueError, match="timeframe must be a positive pd.Timedelta"):
-        periods_per_year("1h")  # type: ignore[arg-type]
-
-
 # --- plot tables and evaluate.json --------------------------------------------------------------
 
 
@@ -342,6 +266,7 @@ def test_feature_importances_are_shares_of_the_features_each_model_used(tmp_path
 @dataclass(frozen=True, eq=False)
 class Evaluated:
     training: TrainingResult
+    close: pd.Series
     scored: pd.DataFrame  # the scored rows of the record
     labels: pd.Series  # their labels
     result: EvaluationResult
@@ -360,6 +285,7 @@ def evaluated() -> Evaluated:
         every=pd.Timedelta("7D"),
         warmup_steps=1,
         fit=FitSettings(weights=None, model_params=SMALL_MODELS, random_state=3, n_jobs=1),
+        rules=RuleSettings(costs=Costs(fee=COST), grid=RuleGrid(low=0.1, high=0.6, step=0.02, min_hold=(1, 6))),
     )
     training = run_training(FeatureManager().generate_features(candles), close, settings, ExecutorSettings(workers=1))
     labels = make_labels(close, horizon, label_threshold)
@@ -368,13 +294,13 @@ def evaluated() -> Evaluated:
         labels,
         close,
         training.ensemble.feature_importances(),
-        fee=FEE,
+        cost=COST,
         timeframe=HOUR,
         horizon=horizon,
         label_threshold=label_threshold,
     )
     scored = training.record[training.record["scored"]].reset_index(drop=True)
-    return Evaluated(training=training, scored=scored, labels=labels.loc[scored["timestamp"]], result=result)
+    return Evaluated(training=training, close=close, scored=scored, labels=labels.loc[scored["timestamp"]], result=result)
 
 
 def float_values(tree: object) -> list[float]:
@@ -383,20 +309,27 @@ def float_values(tree: object) -> list[float]:
     return [tree] if isinstance(tree, float) else []
 
 
-def test_evaluate_json_content_is_finite_rounded_and_serialisable(evaluated: Evaluated) -> None:
-    metrics = evaluated.result.metrics
-    assert set(metrics) == {"span", "policy", "frozen", "components", "baselines", "backtest", "steps"}
-    assert set(metrics["components"]) == set(MODEL_NAMES)
-    assert set(metrics["baselines"]) == set(BASELINE_NAMES)
-    assert set(metrics["backtest"]) == {"bars", "fee", "periods_per_year", "policy", "frozen", "buy_and_hold"}
-    json.loads(json.dumps(metrics, allow_nan=False))
-    values = float_values(metrics)
+def test_the_report_is_finite_rounded_and_serialisable_and_the_metrics_are_its_headline(evaluated: Evaluated) -> None:
+    report = evaluated.result.report
+    assert set(report) == {"span", "policy", "frozen", "components", "baselines", "backtest", "steps"}
+    assert set(report["components"]) == set(MODEL_NAMES)
+    assert set(report["baselines"]) == set(BASELINE_NAMES)
+    assert set(report["backtest"]) == {"bars", "cost_per_side", "periods_per_year", *STRATEGIES}
+    json.loads(json.dumps(report, allow_nan=False))
+    values = float_values(report)
     assert values and all(math.isfinite(value) and round(value, METRICS_DECIMALS) == value for value in values)
-    span = metrics["span"]
+    span = report["span"]
     assert span["rows"] == len(evaluated.scored) == len(evaluated.labels)
     assert span["start"] == evaluated.scored["timestamp"].iloc[0].isoformat()
     assert span["steps"] == evaluated.scored["step"].nunique() >= 2
     assert span["positive_rate"] == round(evaluated.labels.mean(), METRICS_DECIMALS)
+    metrics = evaluated.result.metrics
+    assert sum(len(keys) for keys in HEADLINE.values()) <= 30, "dvc metrics diff --md stays one screen long"
+    for dotted, keys in HEADLINE.items():
+        source, shown = report, metrics
+        for part in dotted.split("."):
+            source, shown = source[part], shown[part]
+        assert shown == {key: source[key] for key in keys}, dotted
 
 
 def test_only_scored_rows_count_and_every_row_was_predicted_by_a_model_that_never_saw_it(evaluated: Evaluated) -> None:
@@ -409,7 +342,7 @@ def test_only_scored_rows_count_and_every_row_was_predicted_by_a_model_that_neve
 
 
 def test_the_policy_is_scored_at_each_step_threshold_and_frozen_at_the_first(evaluated: Evaluated) -> None:
-    scored, y, metrics = evaluated.scored, evaluated.labels.to_numpy(), evaluated.result.metrics
+    scored, y, metrics = evaluated.scored, evaluated.labels.to_numpy(), evaluated.result.report
     thresholds = scored["threshold"].to_numpy()
     assert len(np.unique(thresholds)) > 1, "each step chooses its own threshold"
     assert metrics["policy"]["roc_auc"] == round(roc_auc_score(y, scored["p_up"]), METRICS_DECIMALS)
@@ -423,18 +356,44 @@ def test_the_policy_is_scored_at_each_step_threshold_and_frozen_at_the_first(eva
     assert metrics["policy"]["log_loss_vs_prior"] == pytest.approx(metrics["policy"]["log_loss"] / prior["log_loss"], abs=1e-5)
 
 
-def test_evaluate_backtests_policy_and_frozen_signals_on_every_row(evaluated: Evaluated) -> None:
-    scored = evaluated.scored
-    signals = {"policy": (scored["p_up"] >= scored["threshold"]).astype(int), "frozen": (scored["frozen_p_up"] >= scored["threshold"].iloc[0]).astype(int)}
-    backtest_metrics = evaluated.result.metrics["backtest"]
-    assert backtest_metrics["bars"] == len(scored)  # the close series goes on past the last labelled row
-    for name, signal in signals.items():
-        assert backtest_metrics[name]["trades"] == np.abs(np.diff(signal, prepend=0)).sum(), name
-        assert backtest_metrics[name]["exposure"] == round(signal.mean(), METRICS_DECIMALS), name
+def test_every_strategy_is_backtested_after_costs_on_the_scored_rows(evaluated: Evaluated) -> None:
+    scored, close = evaluated.scored, evaluated.close
+    returns = next_bar_returns(pd.DatetimeIndex(scored["timestamp"]), close)
+    assert np.isfinite(returns).all()  # the close series goes on past the last labelled row
+    positions = {
+        "rule": scored["position"].to_numpy(),
+        "naive": (scored["p_up"] >= scored["threshold"]).astype(int).to_numpy(),
+        "frozen": scored["frozen_position"].to_numpy(),
+        "buy_and_hold": np.ones(len(scored), dtype=int),
+    }
+    backtest = evaluated.result.report["backtest"]
+    assert (backtest["bars"], backtest["cost_per_side"]) == (len(scored), COST)
+    for name, path in positions.items():
+        expected = path_figures(path, returns, COST, periods_per_year(HOUR)).figures
+        assert backtest[name]["total_return"] == round(expected["total_return"], METRICS_DECIMALS), name
+        assert backtest[name]["trades"] == expected["trades"], name
+    rule = backtest["rule"]
+    assert rule["sharpe_ci_low"] <= rule["sharpe"] <= rule["sharpe_ci_high"] and 0.0 <= rule["psr"] <= 1.0
+    assert backtest["naive"]["trades"] > backtest["rule"]["trades"] > 0, "the rule trades less than the naive signal"
     equity = evaluated.result.plots["equity"]
-    assert list(equity.columns) == ["timestamp", "policy", "frozen", "buy_and_hold"]
+    assert list(equity.columns) == ["timestamp", *STRATEGIES]
     assert len(equity) == len(scored) + 1
     assert equity["timestamp"].iloc[0] == scored["timestamp"].iloc[0]
+    assert equity["rule"].iloc[-1] == pytest.approx(1.0 + rule["total_return"], abs=1e-6)
+    drawdown = evaluated.result.plots["drawdown"]
+    assert (drawdown[list(STRATEGIES)] <= 0.0).all().all()
+    assert drawdown["rule"].min() == pytest.approx(rule["max_drawdown"], abs=1e-6)
+
+
+def test_each_step_reports_its_rule_and_after_cost_returns(evaluated: Evaluated) -> None:
+    steps, scored = evaluated.result.plots["walk_forward"], evaluated.scored
+    first_rows = scored.groupby("step").first()
+    np.testing.assert_array_equal(steps["entry"].to_numpy(), first_rows["entry"].to_numpy())
+    np.testing.assert_array_equal(steps["min_hold"].to_numpy(), first_rows["min_hold"].to_numpy())
+    compounded = np.prod(1.0 + steps["rule_return"].to_numpy()) - 1.0
+    assert compounded == pytest.approx(evaluated.result.report["backtest"]["rule"]["total_return"], abs=1e-5)
+    assert evaluated.result.report["steps"]["rule_positive_steps"] == int((steps["rule_return"] > 0).sum())
+    assert (steps[f"{REFERENCE}_roc_auc"] == 0.5).all() and (steps[f"{REFERENCE}_log_loss_ratio"] == 1.0).all()
 
 
 def test_per_step_skill_table(evaluated: Evaluated) -> None:
@@ -447,7 +406,7 @@ def test_per_step_skill_table(evaluated: Evaluated) -> None:
         assert row["policy_roc_auc"] == pytest.approx(roc_auc_score(y[rows], scored.loc[rows, "p_up"]))
         prior_loss = log_loss(y[rows], scored.loc[rows, "prior"], labels=[0, 1])
         assert row["policy_log_loss_ratio"] == pytest.approx(log_loss(y[rows], scored.loc[rows, "p_up"], labels=[0, 1]) / prior_loss)
-    spread = evaluated.result.metrics["steps"]["policy_roc_auc"]
+    spread = evaluated.result.report["steps"]["policy_roc_auc"]
     assert spread["min"] == round(steps["policy_roc_auc"].min(), METRICS_DECIMALS)
     assert spread["max"] == round(steps["policy_roc_auc"].max(), METRICS_DECIMALS)
 
@@ -455,10 +414,14 @@ def test_per_step_skill_table(evaluated: Evaluated) -> None:
 def test_evaluate_plot_tables(evaluated: Evaluated) -> None:
     plots = evaluated.result.plots
     assert tuple(plots) == PLOT_NAMES
-    curve_models = {"policy", "frozen", *MODEL_NAMES}
+    curve_models = {"policy", "frozen", *MODEL_NAMES, REFERENCE}
     for name in ("roc", "precision_recall", "calibration"):
         assert set(plots[name]["model"]) == curve_models, name
         assert plots[name].groupby("model").size().max() <= MAX_CURVE_POINTS, name
+    reference = {name: plots[name][plots[name]["model"] == REFERENCE] for name in ("roc", "precision_recall", "calibration")}
+    assert reference["roc"][["fpr", "tpr"]].to_numpy().tolist() == [[0.0, 0.0], [1.0, 1.0]]  # chance
+    assert (reference["precision_recall"]["precision"] == evaluated.labels.mean()).all()  # the base rate
+    assert reference["calibration"][["mean_predicted", "fraction_positive"]].to_numpy().tolist() == [[0.0, 0.0], [1.0, 1.0]]
     confusion = plots["confusion"]
     assert list(confusion.columns) == ["actual", "predicted"]
     assert confusion["actual"].tolist() == evaluated.labels.tolist()
@@ -476,5 +439,5 @@ def test_evaluate_refuses_a_record_of_other_candles(evaluated: Evaluated) -> Non
     record["timestamp"] = record["timestamp"] + pd.Timedelta(days=400)
     with pytest.raises(ValueError, match=r"predicts 2025-.* which has no label in the current data: .* run the train stage again"):
         evaluate_walk_forward(
-            record, evaluated.labels, pd.Series(dtype=np.float64), {}, fee=FEE, timeframe=HOUR, horizon=1, label_threshold=3.0e-3
+            record, evaluated.labels, pd.Series(dtype=np.float64), {}, cost=COST, timeframe=HOUR, horizon=1, label_threshold=3.0e-3
         )

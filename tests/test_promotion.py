@@ -21,9 +21,12 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from cryptoml.config import LabelParams
+from cryptoml.live.serving import PARITY_TOLERANCE, ServingModel
 from cryptoml.model.artifacts import MANIFEST_NAME, MODEL_NAMES, ModelArtifacts, read_artifacts
 from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.backtest import next_bar_returns, path_figures
 from cryptoml.model.labels import make_labels
+from cryptoml.model.rule import Holding, TradingRule
 from cryptoml.model.training import score
 from cryptoml.release import promotion
 from cryptoml.release.promotion import (
@@ -31,15 +34,20 @@ from cryptoml.release.promotion import (
     ChampionComparison,
     GateParams,
     PromotionError,
+    RuleRecord,
     compare_with_champion,
     decide,
     promote,
     read_production_metadata,
+    with_trading_rule,
 )
 from tests.faults import manifest_digest, record_concurrent_loads, record_production_check
 from tests.test_ensemble import make_data
 
 DEFAULT = GateParams()
+# The walk-forward rule's record of a challenger that made money after costs, with some evidence.
+GOOD_RULE = RuleRecord(total_return=0.05, psr=0.8, production_rule_trades=True)
+HOUR = pd.Timedelta(hours=1)
 
 # --- the gate -----------------------------------------------------------------------------------
 
@@ -63,13 +71,13 @@ def skilled(**overrides: float) -> dict[str, float]:
 
 def failed_names(challenger: dict[str, float], champion: dict[str, float] | None = None, settings: GateParams = DEFAULT) -> list[str]:
     comparison = None if champion is None else versus(champion, challenger)
-    return [check.name for check in decide(challenger, BASELINES, comparison, settings).checks if not check.passed]
+    return [check.name for check in decide(challenger, BASELINES, comparison, settings, rule=GOOD_RULE).checks if not check.passed]
 
 
 def test_a_skilled_challenger_is_promoted_on_the_first_run() -> None:
-    decision = decide(skilled(), BASELINES, None, DEFAULT)
+    decision = decide(skilled(), BASELINES, None, DEFAULT, rule=GOOD_RULE)
     assert decision.promote
-    assert [check.name for check in decision.checks] == ["min_roc_auc", "max_brier_ratio", "max_log_loss_ratio"]
+    assert [check.name for check in decision.checks] == ["min_roc_auc", "max_brier_ratio", "max_log_loss_ratio", "min_rule_return", "min_rule_psr"]
     assert all(check.passed for check in decision.checks)
     assert decision.reasons == [*(check.message for check in decision.checks), "no champion to compare with (first promotion): the absolute checks decide"]
 
@@ -84,7 +92,7 @@ def test_a_skilled_challenger_is_promoted_on_the_first_run() -> None:
     ids=["roc-auc-below-the-minimum", "brier-equal-to-the-prior", "log-loss-at-the-guard"],
 )
 def test_each_absolute_check_rejects_on_its_own(overrides: dict[str, float], failing: str) -> None:
-    decision = decide(skilled(**overrides), BASELINES, None, DEFAULT)
+    decision = decide(skilled(**overrides), BASELINES, None, DEFAULT, rule=GOOD_RULE)
     assert not decision.promote
     assert [check.name for check in decision.checks if not check.passed] == [failing]
     assert decision.reasons == [check.message for check in decision.checks if check.name == failing]
@@ -100,13 +108,13 @@ def test_the_absolute_limits_are_inclusive_for_roc_auc_and_strict_for_log_loss()
 
 
 def test_check_messages_state_value_sign_and_limit() -> None:
-    decision = decide(skilled(roc_auc=0.51), BASELINES, None, DEFAULT)
+    decision = decide(skilled(roc_auc=0.51), BASELINES, None, DEFAULT, rule=GOOD_RULE)
     assert decision.reasons == [f"out-of-sample ROC AUC vs gate.min_roc_auc: 0.5100 < {DEFAULT.min_roc_auc:.4f}"]
 
 
 def test_f1_is_not_part_of_the_default_gate() -> None:
     """The all-positive baseline beats real models on F1, so F1 is off unless params turn it on."""
-    assert decide(skilled(f1=0.0, mcc=-0.1), BASELINES, None, DEFAULT).promote
+    assert decide(skilled(f1=0.0, mcc=-0.1), BASELINES, None, DEFAULT, rule=GOOD_RULE).promote
 
 
 @pytest.mark.parametrize(("setting", "metric", "floor"), [("min_f1", "f1", 0.6), ("min_mcc", "mcc", 0.05)])
@@ -126,9 +134,9 @@ def test_the_champion_checks_are_inclusive_at_the_tolerances() -> None:
 
 def test_a_challenger_that_passes_alone_is_rejected_when_clearly_worse_than_the_champion() -> None:
     challenger = skilled()
-    assert decide(challenger, BASELINES, None, DEFAULT).promote
+    assert decide(challenger, BASELINES, None, DEFAULT, rule=GOOD_RULE).promote
     champion = {"roc_auc": challenger["roc_auc"] + 0.05, "log_loss": 0.9 * challenger["log_loss"]}
-    decision = decide(challenger, BASELINES, versus(champion, challenger), DEFAULT)
+    decision = decide(challenger, BASELINES, versus(champion, challenger), DEFAULT, rule=GOOD_RULE)
     assert not decision.promote
     assert [check.name for check in decision.checks if not check.passed] == ["champion_roc_auc", "champion_log_loss"]
 
@@ -142,6 +150,7 @@ def test_the_decision_record_is_plain_rounded_json() -> None:
         settings,
         challenger_sha256="sha256:" + "a" * 64,
         champion_note="the champion was built for feature spec sha256:0000: not re-scored",
+        rule=GOOD_RULE,
     )
     record = json.loads(json.dumps(decision.as_json(), allow_nan=False))
     assert record["decision"] == "rejected"
@@ -151,7 +160,7 @@ def test_the_decision_record_is_plain_rounded_json() -> None:
     assert record["gate"]["min_f1"] == settings.min_f1
     assert record["gate"]["min_mcc"] is None
     checks = {check["name"]: check for check in record["checks"]}
-    assert list(checks) == ["min_roc_auc", "max_brier_ratio", "max_log_loss_ratio", "min_f1"]
+    assert list(checks) == ["min_roc_auc", "max_brier_ratio", "max_log_loss_ratio", "min_f1", "min_rule_return", "min_rule_psr"]
     assert checks["min_roc_auc"] == {
         "name": "min_roc_auc",
         "passed": True,
@@ -165,12 +174,12 @@ def test_the_decision_record_is_plain_rounded_json() -> None:
 
 def test_a_promoted_record_says_promoted_and_carries_the_champion() -> None:
     comparison = versus({"roc_auc": 0.5, "log_loss": 0.5}, skilled())
-    record = decide(skilled(), BASELINES, comparison, DEFAULT, champion_sha256="sha256:" + "b" * 64).as_json()
+    record = decide(skilled(), BASELINES, comparison, DEFAULT, champion_sha256="sha256:" + "b" * 64, rule=GOOD_RULE).as_json()
     assert record["decision"] == "promoted"
     assert record["champion_sha256"] == "sha256:" + "b" * 64
-    assert [check["name"] for check in record["checks"]][-2:] == ["champion_roc_auc", "champion_log_loss"]
+    assert [check["name"] for check in record["checks"]][-4:] == ["champion_roc_auc", "champion_log_loss", "min_rule_return", "min_rule_psr"]
     assert record["champion_comparison"]["rows"] == 1000
-    assert "on the 1000 rows both predicted out of sample" in record["checks"][-1]["message"]
+    assert "on the 1000 rows both predicted out of sample" in record["checks"][-3]["message"]
 
 
 @pytest.mark.parametrize(
@@ -183,10 +192,17 @@ def test_a_promoted_record_says_promoted_and_carries_the_champion() -> None:
 )
 def test_missing_or_nan_metrics_are_errors_not_rejections(challenger: Any, baselines: Any, champion: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        decide(challenger, baselines, None if champion is None else versus(champion, skilled()), DEFAULT)
+        decide(challenger, baselines, None if champion is None else versus(champion, skilled()), DEFAULT, rule=GOOD_RULE)
 
 
 # --- the champion comparison on stored out-of-sample predictions -------------------------------
+
+
+# Close prices over every timestamp the records below use.
+CLOSE = pd.Series(
+    1e7 * np.exp(np.cumsum(np.random.default_rng(5).normal(0.0, 0.01, 4000))),
+    index=pd.date_range("2024-01-01", periods=4000, freq="h", tz="UTC"),
+)
 
 
 def oos_record(start: str, rows: int, seed: int) -> pd.DataFrame:
@@ -199,7 +215,7 @@ def test_the_champion_is_compared_only_on_rows_both_predicted_out_of_sample() ->
     labels = pd.Series(np.random.default_rng(0).integers(0, 2, 3000), index=pd.date_range("2024-01-01", periods=3000, freq="h", tz="UTC"))
     champion = oos_record("2024-01-01", 1500, seed=1)  # its production fit then saw every row up to 2024-03-04
     challenger = oos_record("2024-01-21", 2000, seed=2)
-    comparison, note = compare_with_champion(challenger, champion, labels, min_shared_rows=500)
+    comparison, note = compare_with_champion(challenger, champion, labels, min_shared_rows=500, close=CLOSE, cost=1.2e-3, timeframe=HOUR)
     assert note is None and comparison is not None
     shared = pd.date_range(pd.Timestamp("2024-01-21", tz="UTC"), champion["timestamp"].iloc[-1], freq="h")
     assert (comparison.rows, comparison.start, comparison.end) == (len(shared), shared[0].isoformat(), shared[-1].isoformat())
@@ -213,12 +229,113 @@ def test_the_champion_is_compared_only_on_rows_both_predicted_out_of_sample() ->
 def test_identical_predictions_compare_equal_and_too_few_shared_rows_skip_the_comparison() -> None:
     labels = pd.Series(np.random.default_rng(0).integers(0, 2, 1000), index=pd.date_range("2024-01-01", periods=1000, freq="h", tz="UTC"))
     record = oos_record("2024-01-01", 1000, seed=1)
-    comparison, _ = compare_with_champion(record, record.copy(), labels, min_shared_rows=500)
+    comparison, _ = compare_with_champion(record, record.copy(), labels, min_shared_rows=500, close=CLOSE, cost=1.2e-3, timeframe=HOUR)
     assert comparison is not None and comparison.challenger == comparison.champion
-    assert decide(skilled(), BASELINES, comparison, DEFAULT).promote
-    comparison, note = compare_with_champion(record.iloc[600:], record, labels, min_shared_rows=500)
+    assert decide(skilled(), BASELINES, comparison, DEFAULT, rule=GOOD_RULE).promote
+    comparison, note = compare_with_champion(record.iloc[600:], record, labels, min_shared_rows=500, close=CLOSE, cost=1.2e-3, timeframe=HOUR)
     assert comparison is None
     assert note == "the champion's stored out-of-sample predictions share 400 labelled row(s) with the challenger's, fewer than gate.champion_min_shared_rows=500"
+
+
+# --- the economic checks -------------------------------------------------------------------------
+
+
+def economic_failures(rule: RuleRecord, settings: GateParams = DEFAULT) -> list[str]:
+    return [check.name for check in decide(skilled(), BASELINES, None, settings, rule=rule).checks if not check.passed]
+
+
+def test_the_rule_must_have_made_money_after_costs_inclusive_at_the_floor() -> None:
+    floor = DEFAULT.min_rule_return
+    assert economic_failures(RuleRecord(total_return=floor, psr=0.9, production_rule_trades=True)) == []
+    assert economic_failures(RuleRecord(total_return=np.nextafter(floor, -1.0), psr=0.9, production_rule_trades=True)) == ["min_rule_return"]
+
+
+def test_the_rule_needs_a_probabilistic_sharpe_at_the_floor() -> None:
+    floor = DEFAULT.min_rule_psr
+    assert economic_failures(RuleRecord(total_return=0.1, psr=floor, production_rule_trades=True)) == []
+    decision = decide(skilled(), BASELINES, None, DEFAULT, rule=RuleRecord(total_return=0.1, psr=np.nextafter(floor, 0.0), production_rule_trades=True))
+    assert [check.name for check in decision.checks if not check.passed] == ["min_rule_psr"]
+    assert decision.reasons[0].startswith("probabilistic Sharpe ratio (P(true Sharpe > 0)) of the walk-forward rule vs gate.min_rule_psr")
+
+
+def test_a_statistically_sound_challenger_whose_rule_did_not_pay_is_promoted_with_the_flat_rule() -> None:
+    """The floors decide whether the bot trades: keeping the champion would keep trading a signal the latest record
+    says does not pay."""
+    losing = RuleRecord(total_return=-0.05, psr=0.2, production_rule_trades=True)
+    decision = decide(skilled(), BASELINES, None, DEFAULT, rule=losing)
+    assert decision.promote and decision.flat_rule
+    assert decision.as_json()["decision"] == "promoted" and decision.as_json()["trading"] == "flat"
+    assert [check.name for check in decision.checks if not check.passed] == ["min_rule_return", "min_rule_psr"]
+    assert decision.reasons[-1].startswith("promoted with the flat rule: the statistical checks passed")
+    # A statistical failure rejects, whatever the economics: the champion and its rule stay.
+    rejected = decide(skilled(roc_auc=0.5), BASELINES, None, DEFAULT, rule=losing)
+    assert not rejected.promote and not rejected.flat_rule and rejected.as_json()["trading"] is None
+    assert decide(skilled(), BASELINES, None, DEFAULT, rule=GOOD_RULE).as_json()["trading"] == "its rule"
+
+
+def test_the_economic_floors_can_be_switched_off() -> None:
+    off = GateParams(min_rule_return=None, min_rule_psr=None)
+    decision = decide(skilled(), BASELINES, None, off, rule=RuleRecord(total_return=-0.3, psr=0.01, production_rule_trades=True))
+    assert decision.promote and not decision.flat_rule and all(check.passed for check in decision.checks)
+
+
+def test_a_challenger_whose_rule_stays_flat_skips_the_economic_floors_and_says_so() -> None:
+    decision = decide(skilled(), BASELINES, None, DEFAULT, rule=RuleRecord(total_return=-0.2, psr=0.1, production_rule_trades=False))
+    assert decision.promote and not decision.flat_rule
+    assert not {"min_rule_return", "min_rule_psr"} & {check.name for check in decision.checks}
+    assert "trading rule stays flat, so the economic floors do not apply: the bot will hold no position" in " ".join(decision.reasons)
+
+
+def positioned(record: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
+    return record.assign(position=positions)
+
+
+def test_the_champion_return_is_compared_on_the_shared_rows_only() -> None:
+    """Each record's stored positions earn the same bars on the rows both hold; the rows only one record holds,
+    however good or bad, do not count."""
+    labels = pd.Series(np.random.default_rng(0).integers(0, 2, 3000), index=CLOSE.index[:3000])
+    champion = oos_record("2024-01-01", 1500, seed=1)
+    challenger = oos_record("2024-01-21", 2000, seed=2)
+    shared = challenger["timestamp"].isin(champion["timestamp"])
+    challenger.loc[shared, "p_up"] = champion["p_up"].to_numpy()[-shared.sum():]  # the same model on the shared rows
+    # The champion held exactly the bars that went up: its opposite loses clearly.
+    champion_positions = (next_bar_returns(pd.DatetimeIndex(champion["timestamp"]), CLOSE) > 0.0).astype(int)
+    # The challenger holds the champion's positions on the shared rows, and is always long on its other rows.
+    challenger_positions = np.ones(len(challenger), dtype=int)
+    challenger_positions[shared.to_numpy()] = champion_positions[champion["timestamp"].isin(challenger["timestamp"]).to_numpy()]
+    comparison, _ = compare_with_champion(
+        positioned(challenger, challenger_positions), positioned(champion, champion_positions), labels, min_shared_rows=500,
+        close=CLOSE, cost=1.2e-3, timeframe=HOUR,
+    )
+    assert comparison is not None and comparison.economic_rows == shared.sum()
+    assert comparison.challenger["after_cost_return"] == comparison.champion["after_cost_return"]
+    expected = path_figures(
+        champion_positions[-shared.sum():], next_bar_returns(pd.DatetimeIndex(challenger["timestamp"][shared]), CLOSE), 1.2e-3, 8760.0
+    ).figures["total_return"]
+    assert comparison.champion["after_cost_return"] == round(expected, 6)
+    worse = challenger_positions.copy()
+    worse[shared.to_numpy()] = 1 - worse[shared.to_numpy()]  # the opposite of the champion on every shared row
+    comparison, _ = compare_with_champion(
+        positioned(challenger, worse), positioned(champion, champion_positions), labels, min_shared_rows=500,
+        close=CLOSE, cost=1.2e-3, timeframe=HOUR,
+    )
+    assert comparison is not None
+    limit = comparison.champion["after_cost_return"] - DEFAULT.champion_return_tolerance
+    assert comparison.challenger["after_cost_return"] < limit, "this path loses clearly: the test can tell"
+    decision = decide(skilled(), BASELINES, comparison, DEFAULT, rule=GOOD_RULE)
+    assert [check.name for check in decision.checks if not check.passed] == ["champion_return"]
+    assert not decision.promote, "the champion's rule earned more on the shared rows: it keeps trading"
+    # A challenger promoted with the flat rule trades nothing: its return is not compared with the champion's.
+    flat = decide(skilled(), BASELINES, comparison, DEFAULT, rule=RuleRecord(total_return=-0.1, psr=0.1, production_rule_trades=True))
+    assert flat.promote and flat.flat_rule and "champion_return" not in {check.name for check in flat.checks}
+
+
+def test_records_without_positions_compare_no_returns() -> None:
+    labels = pd.Series(np.random.default_rng(0).integers(0, 2, 1000), index=CLOSE.index[:1000])
+    record = oos_record("2024-01-01", 1000, seed=1)
+    comparison, _ = compare_with_champion(positioned(record, np.ones(1000, dtype=int)), record, labels, min_shared_rows=500, close=CLOSE, cost=1.2e-3, timeframe=HOUR)
+    assert comparison is not None and "after_cost_return" not in comparison.challenger and comparison.economic_rows == 0
+    assert "champion_return" not in {check.name for check in decide(skilled(), BASELINES, comparison, DEFAULT, rule=GOOD_RULE).checks}
 
 
 def markov_labels(n_rows: int = 5000, up_after_up: float = 0.45, up_after_other: float = 0.2, seed: int = 0) -> np.ndarray:
@@ -254,7 +371,7 @@ def test_no_baseline_passes_the_default_gate(source: str, request: pytest.Fixtur
     labels = markov_labels() if source == "seeded-markov" else btc_labels(request.getfixturevalue("shared_data"))
     baselines = baseline_metrics(labels)
     for name, metrics in baselines.items():
-        decision = decide(metrics, baselines, None, DEFAULT)
+        decision = decide(metrics, baselines, None, DEFAULT, rule=GOOD_RULE)
         print(source, name, {key: round(metrics[key], 4) for key in ("roc_auc", "log_loss", "f1")}, decision.reasons)
         assert not decision.promote, name
         assert "max_brier_ratio" in [check.name for check in decision.checks if not check.passed], name
@@ -273,7 +390,7 @@ def test_a_model_with_real_skill_passes_where_the_baselines_fail() -> None:
     up_after = {state: train[1:][train[:-1] == state].mean() for state in (0, 1)}
     metrics = score(holdout, np.where(previous == 1, up_after[1], up_after[0]), threshold=0.5)
     baselines = baseline_metrics(labels)
-    decision = decide(metrics, baselines, None, DEFAULT)
+    decision = decide(metrics, baselines, None, DEFAULT, rule=GOOD_RULE)
     assert decision.promote, decision.reasons
     assert metrics["f1"] < baselines["always_up"]["f1"]
 
@@ -315,6 +432,21 @@ def test_a_promoted_model_predicts_like_the_challenger(challengers: list[Path], 
     np.testing.assert_array_equal(served.predict_proba(X), challenger.predict_proba(X))
     assert set(snapshot(production)) == {MANIFEST_NAME, METADATA_NAME, *read_artifacts(challengers[0]).files}
     assert (production / MANIFEST_NAME).read_bytes() == (challengers[0] / MANIFEST_NAME).read_bytes()
+    assert read_production_metadata(production) == {**metadata_for(challengers[0]), "model_sha256": model_sha256}
+
+
+def test_a_model_promoted_with_the_flat_rule_serves_the_same_graph_and_never_trades(challengers: list[Path], tmp_path: Path) -> None:
+    production = tmp_path / "production"
+    challenger = ProductionEnsemble.load(challengers[0])
+    assert challenger.rule.trades
+    model_sha256 = promote(challengers[0], production, metadata_for(challengers[0]), trading_rule=TradingRule.flat())
+    assert model_sha256 == with_trading_rule(read_artifacts(challengers[0]), TradingRule.flat()).model_sha256 != challenger.model_sha256_
+    served = ServingModel.load(production)
+    assert served.model_sha256 == model_sha256 and served.rule == TradingRule.flat()
+    X, _ = make_data(seed=5)
+    np.testing.assert_allclose(served.predict_proba(X), challenger.predict_proba(X), rtol=0, atol=PARITY_TOLERANCE)
+    assert served.next_holding(1.0, Holding()) == Holding()
+    assert set(snapshot(production)) == {MANIFEST_NAME, METADATA_NAME, *read_artifacts(challengers[0]).files}  # the same files
     assert read_production_metadata(production) == {**metadata_for(challengers[0]), "model_sha256": model_sha256}
 
 

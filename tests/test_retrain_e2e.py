@@ -38,7 +38,7 @@ from cryptoml.release.retrain import (
     utc_iso,
 )
 from tests.fake_exchange import FakeBitbank
-from tests.repo import BIN, FAST_TRAINING, REPO_ROOT, commit_all, make_repo, run, set_params
+from tests.repo import BIN, FAST_TRAINING, OPEN_GATE, REPO_ROOT, commit_all, make_repo, run, set_params
 from tests.webhook import SECRET_PATH, Receiver, unreachable_url, unused_port, webhook_receiver
 
 NOW = pd.Timestamp("2024-03-01T00:00:00Z")
@@ -86,12 +86,12 @@ def test_parse_until_reads_utc_and_refuses_the_future_and_garbage() -> None:
 
 
 def test_headline_table_compares_the_base_model_with_this_one() -> None:
-    base = {"policy": {"roc_auc": 0.55}, "backtest": {"policy": {"sharpe": 1.0}}}
-    table = headline_table(base, {"policy": {"roc_auc": 0.5625}, "backtest": {"policy": {"sharpe": 0.5}}}, "main")
+    base = {"policy": {"roc_auc": 0.55}, "backtest": {"rule": {"sharpe": 1.0}}}
+    table = headline_table(base, {"policy": {"roc_auc": 0.5625}, "backtest": {"rule": {"sharpe": 0.5}}}, "main")
     assert table.splitlines()[0] == "| out-of-sample metric | `main` | this branch | change |"
     assert "| policy.roc_auc | 0.5500 | 0.5625 | +0.0125 |" in table
-    assert "| backtest.policy.sharpe | 1.0000 | 0.5000 | -0.5000 |" in table
-    assert "| policy.brier | - | - | - |" in table
+    assert "| backtest.rule.sharpe | 1.0000 | 0.5000 | -0.5000 |" in table
+    assert "| policy.brier_vs_prior | - | - | - |" in table
 
 
 def test_pull_request_body_fits_github_by_dropping_the_full_metric_table() -> None:
@@ -134,8 +134,7 @@ def test_send_alert_posts_and_never_logs_the_url(caplog: pytest.LogCaptureFixtur
 WINDOW = {"data.start": "2024-01-01T00:00:00Z", "data.end": "2024-02-01T00:00:00Z"}
 PROMOTION_UNTIL = "2024-02-15T05:30:00Z"  # mid-candle: data.end becomes 2024-02-15T05:00:00Z
 REJECTION_UNTIL = "2024-02-22T00:00:00Z"
-# The gate's absolute floors are what the rejection test tightens; the first model only has to exist.
-PERMISSIVE_GATE = {"gate.min_roc_auc": 0.0, "gate.max_brier_ratio": None, "gate.max_log_loss_ratio": None}
+# The gate is open (OPEN_GATE): the rejection test tightens its ROC AUC floor; the first model only has to exist.
 
 
 def exchange_params(api_url: str) -> dict[str, object]:
@@ -188,7 +187,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     root = tmp_path_factory.mktemp("retrain")
     candles = simulate_candles(pd.Timestamp(WINDOW["data.start"]), NOW, "1h", seed=PARAMS.data.synthetic.seed)
     with FakeBitbank(candles) as exchange, webhook_receiver() as webhook:
-        repo = make_repo(root, {**exchange_params(exchange.url), **PERMISSIVE_GATE})
+        repo = make_repo(root, {**exchange_params(exchange.url), **OPEN_GATE})
         run(["dvc", "remote", "add", "--default", "storage", str(root / "dvc-storage")], repo)
         commit_all(repo, "DVC remote")
         run(["git", "init", "--quiet", "--bare", str(root / "origin.git")], root)

@@ -33,6 +33,7 @@ from cryptoml.model.artifacts import MANIFEST_NAME, MODEL_NAMES, ONNX_GRAPH, Art
 from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.model.labels import build_dataset
 from cryptoml.model.onnx_export import export_onnx
+from cryptoml.model.rule import LONG, Holding
 from cryptoml.pipeline import production_metadata, run_evaluate, run_features, run_promote, run_train
 from cryptoml.release.promotion import METADATA_NAME, promote
 from tests.repo import FAST_TRAINING
@@ -257,6 +258,7 @@ def test_a_model_saved_before_the_graph_loads_natively(model_copy: Path) -> None
 
     def as_format_2(model: dict[str, Any]) -> None:
         del model["files"][ONNX_GRAPH]
+        del model["trading_rule"]  # rules came with format 5
 
     rewrite_model_section(model_copy, as_format_2)
     manifest = json.loads((model_copy / MANIFEST_NAME).read_text())
@@ -265,7 +267,8 @@ def test_a_model_saved_before_the_graph_loads_natively(model_copy: Path) -> None
     for load_graph in (partial(ProductionEnsemble.load, backend="onnx"), ServingModel.load):
         with pytest.raises(ArtifactError, match=r"a cryptoml-ensemble/2 model has no ONNX graph to serve"):
             load_graph(model_copy)
-    (model_copy / MANIFEST_NAME).write_text(json.dumps(manifest))  # the same files under the new format
+    # The same files under format 4, which needs a graph (and, like format 2, has no trading rule).
+    (model_copy / MANIFEST_NAME).write_text(json.dumps({**manifest, "format": "cryptoml-ensemble/4"}))
     with pytest.raises(ArtifactError, match=r"expected exactly \['lightgbm', 'xgboost', 'random_forest', 'onnx'\]"):
         ProductionEnsemble.load(model_copy)
 
@@ -392,9 +395,10 @@ def test_predict_prints_the_signal_of_the_latest_closed_candle(in_workspace: Pat
     p_up = expected_p_up(csv, 1)[0]
     last = pd.read_csv(csv)["timestamp"].iloc[-1]
     signal = "up" if p_up >= model.decision_threshold else "flat"
+    hold = "long" if model.rule.next_holding(p_up, Holding()).position == LONG else "flat"
     assert result.output.splitlines() == [
-        f"{last}  {signal:<4}  P(up) {p_up:.4f}  (up when >= {model.decision_threshold:.4f})",
-        f"model {model.model_sha256_} (onnx)",
+        f"{last}  {signal:<4}  P(up) {p_up:.4f}  (up when >= {model.decision_threshold:.4f})  hold: {hold}",
+        f"model {model.model_sha256_} (onnx); trading rule: {model.rule.describe()}",
     ]
 
 
@@ -406,13 +410,15 @@ def test_predict_json_gives_every_requested_candle(backend: str, in_workspace: P
     assert result.exit_code == 0, result.output
     output = json.loads(result.output)
     model = ProductionEnsemble.load(paths.PRODUCTION_DIR)
-    assert set(output) == {"model_sha256", "backend", "decision_threshold", "open_candles_skipped", "predictions"}
+    assert set(output) == {"model_sha256", "backend", "decision_threshold", "trading_rule", "open_candles_skipped", "predictions"}
     assert (output["model_sha256"], output["backend"], output["open_candles_skipped"]) == (model.model_sha256_, backend, 0)
-    assert output["decision_threshold"] == model.decision_threshold
+    assert (output["decision_threshold"], output["trading_rule"]) == (model.decision_threshold, model.rule.as_json())
     assert [row["timestamp"] for row in output["predictions"]] == pd.read_csv(csv)["timestamp"].iloc[-3:].tolist()
     p_up = [row["p_up"] for row in output["predictions"]]
     np.testing.assert_allclose(p_up, expected_p_up(csv, 3), rtol=0, atol=PARITY_TOLERANCE)
     assert [row["signal"] for row in output["predictions"]] == ["up" if p >= model.decision_threshold else "flat" for p in p_up]
+    # The rule's positions from flat, through the rule's one implementation.
+    assert [row["position"] for row in output["predictions"]] == model.rule.holdings(p_up)[0].tolist()
 
 
 def test_predict_leaves_out_a_candle_that_is_still_open(in_workspace: Path) -> None:
@@ -455,7 +461,7 @@ def test_promote_judges_the_champion_by_its_stored_predictions_without_loading_i
     write_params(copy, {**FAST_TRAINING, "gate.champion_min_shared_rows": 100})  # its span is 18 days
     params = load_params(paths.PARAMS)
     run_evaluate(params)
-    promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(None, json.loads(paths.EVALUATE_METRICS.read_text())["policy"]))
+    promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(None, json.loads(paths.EVALUATION_REPORT.read_text())))
     loaded: list[Path] = []
     real_load = ProductionEnsemble.load.__func__
 
@@ -465,7 +471,7 @@ def test_promote_judges_the_champion_by_its_stored_predictions_without_loading_i
 
     monkeypatch.setattr(ProductionEnsemble, "load", classmethod(recording_load))
     decision = run_promote(params)
-    assert loaded == [paths.TRAINING_DIR]
+    assert set(loaded) == {paths.TRAINING_DIR}  # the challenger only (loaded again to be promoted)
     assert decision.champion_comparison is not None, decision.champion_note
     comparison = decision.champion_comparison
     # The champion is the same model: its stored record is the challenger's, row for row.

@@ -21,6 +21,7 @@ from cryptoml.model.labels import Step, build_dataset, walk_forward_steps
 from cryptoml.model.training import (
     ENSEMBLE,
     OOS_COLUMNS,
+    RULE_COLUMNS,
     THRESHOLD_QUANTILES,
     FitResult,
     FitSettings,
@@ -30,12 +31,16 @@ from cryptoml.model.training import (
     build_training_metadata,
     choose_threshold,
     mcc_at_thresholds,
+    RuleSettings,
     out_of_sample_record,
     record_from_csv,
     record_to_csv,
     run_training,
     score,
 )
+from cryptoml.live.serving import ServingModel
+from cryptoml.model.rule import Holding
+from cryptoml.model.trading import Costs, RuleGrid, rule_positions
 from cryptoml.release.promotion import compare_with_champion
 
 SMALL_MODELS = {name: {"n_estimators": 15} for name in ("lightgbm", "xgboost", "random_forest")}
@@ -43,6 +48,8 @@ SEED = 3
 
 
 LOCAL = ExecutorSettings(kind="local", workers=1)
+RULES = RuleSettings(costs=Costs(fee=1.2e-3), grid=RuleGrid(low=0.1, high=0.6, step=0.02, min_hold=(1, 6)))
+HOUR = pd.Timedelta(hours=1)
 
 
 def settings(**overrides: Any) -> TrainingSettings:
@@ -54,6 +61,7 @@ def settings(**overrides: Any) -> TrainingSettings:
         "every": pd.Timedelta("7D"),
         "warmup_steps": 1,
         "fit": FitSettings(weights=None, model_params=SMALL_MODELS, random_state=SEED, n_jobs=1),
+        "rules": RULES,
     }
     return TrainingSettings(**(values | overrides))
 
@@ -163,14 +171,14 @@ def test_production_is_fitted_on_every_labelled_row(trained: TrainingResult, tmp
     assert trained.train_index[-1] == learnable_candles(1500)[1].index[-1 - cfg.horizon]
     refit = ProductionEnsemble(
         model_params=cfg.fit.model_params, random_state=cfg.fit.random_state, n_jobs=cfg.fit.n_jobs,
-        decision_threshold=trained.decision_threshold,
+        decision_threshold=trained.decision_threshold, trading_rule=trained.ensemble.rule,
     ).fit(X, y)
     assert refit.save(tmp_path / "refit") == trained.ensemble.save(tmp_path / "trained")
 
 
 def test_the_record_holds_every_step_prediction_out_of_sample(trained: TrainingResult) -> None:
     record, steps = trained.record, trained.steps
-    assert list(record.columns) == list(OOS_COLUMNS)
+    assert list(record.columns) == [*OOS_COLUMNS, *RULE_COLUMNS]
     assert len(record) == sum(step.stop - step.start for step in steps)
     assert record["timestamp"].is_monotonic_increasing
     assert record.loc[~record["scored"], "threshold"].isna().all()
@@ -245,12 +253,13 @@ def test_a_step_threshold_ignores_the_step_labels_and_those_not_yet_known() -> N
     steps = walk_forward_steps(index, 0.4, pd.Timedelta("7D"), 2, horizon=3, embargo=0)
     results = random_results(steps)
     y = np.random.default_rng(1).integers(0, 2, len(index))
-    threshold = out_of_sample_record(index, y, steps, results, horizon=3).groupby("step")["threshold"].first()
+    returns = np.random.default_rng(2).normal(0.0, 0.01, len(index))
+    threshold = out_of_sample_record(index, y, returns, steps, results, 3, RULES)[0].groupby("step")["threshold"].first()
     step = steps[-2]
     changed = y.copy()
     # The step's own labels and the 3 before it (their horizon reaches into the step): unknown when it starts.
     changed[step.start - 3 : step.stop] = 1 - changed[step.start - 3 : step.stop]
-    again = out_of_sample_record(index, changed, steps, results, horizon=3).groupby("step")["threshold"].first()
+    again = out_of_sample_record(index, changed, returns, steps, results, 3, RULES)[0].groupby("step")["threshold"].first()
     assert again[step.number] == threshold[step.number]
     assert again[steps[-1].number] != threshold[steps[-1].number], "a later step sees those labels: the test can tell"
 
@@ -348,5 +357,50 @@ def test_a_data_only_weekly_retrain_repeats_the_champions_predictions_on_every_s
     assert len(shared) > week
     np.testing.assert_array_equal(shared["p_up_champion"], shared["p_up_challenger"])
     labels = build_dataset(features, close, 1, 0.003)[1]
-    comparison, note = compare_with_champion(challenger, champion, labels, min_shared_rows=100)
-    assert note is None and comparison is not None and comparison.challenger == comparison.champion
+    comparison, note = compare_with_champion(challenger, champion, labels, min_shared_rows=100, close=close, cost=1.2e-3, timeframe=HOUR)
+    assert note is None and comparison is not None
+    # The model's scores repeat exactly. The stored positions need not: the evaluation span is a fraction of the
+    # rows, so a week more moves its first step, and each step's rule is chosen on the record's rows before it.
+    scores = [{key: value for key, value in side.items() if key != "after_cost_return"} for side in (comparison.challenger, comparison.champion)]
+    assert scores[0] == scores[1]
+    assert comparison.economic_rows == comparison.rows  # every shared row has its next bar in the challenger's close
+
+
+def test_no_step_rule_or_earlier_position_sees_a_price_or_label_from_the_step_start(trained: TrainingResult) -> None:
+    """Every close, feature and label from a scored step's first row on is replaced: that step's rule and every
+    position before it stay as they were."""
+    features, close = learnable_candles(1500)
+    scored = [step for step in trained.steps if step.scored]
+    step = scored[len(scored) // 2]
+    start = features.index[step.start]
+    rng = np.random.default_rng(99)
+    later_close = close.index >= start
+    altered_close = close.copy()
+    altered_close[later_close] = close[later_close].iloc[0] * np.exp(np.cumsum(rng.normal(0.0, 0.02, later_close.sum())))
+    altered_features = features.copy()
+    altered_features.loc[features.index >= start] = rng.normal(size=(int((features.index >= start).sum()), len(FEATURE_NAMES)))
+    again = run_training(altered_features, altered_close, settings(), LOCAL).record
+    before, in_step = trained.record["timestamp"] < start, trained.record["step"] == step.number
+    rule_columns = ["entry", "exit", "min_hold"]
+    pd.testing.assert_frame_equal(again.loc[in_step, rule_columns], trained.record.loc[in_step, rule_columns])
+    pd.testing.assert_frame_equal(again.loc[before], trained.record.loc[before])
+    assert trained.record.loc[in_step, "entry"].notna().all(), "the step's rule trades: the check is not trivially flat"
+    later = trained.record["step"] > step.number
+    assert not again.loc[later, rule_columns].equals(trained.record.loc[later, rule_columns]), "later steps see the change"
+
+
+def test_serving_row_by_row_gives_the_backtest_positions_of_the_production_rule(trained: TrainingResult, tmp_path: Path) -> None:
+    """One code path: the bot's ServingModel, fed the out-of-sample P(up) one row at a time with the holding it
+    returned, holds exactly what the backtest of the production rule holds."""
+    trained.ensemble.save(tmp_path / "model")
+    serving = ServingModel.load(tmp_path / "model")
+    rule = trained.ensemble.rule
+    assert rule is not None and rule.trades and serving.rule == rule
+    p_up = trained.record["p_up"].to_numpy()
+    expected = rule_positions(p_up, [rule], [(0, len(p_up))])
+    holding, served = Holding(), []
+    for probability in p_up:
+        holding = serving.next_holding(float(probability), holding)
+        served.append(holding.position)
+    np.testing.assert_array_equal(served, expected)
+    assert 0 < expected.sum() < len(expected)

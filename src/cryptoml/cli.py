@@ -145,20 +145,29 @@ def predict(
     rows: Annotated[int, typer.Option("--rows", min=1, help="signals for the last ROWS closed candles")] = 1,
     model_dir: ModelOption = paths.PRODUCTION_DIR,
     params_file: ParamsOption = paths.PARAMS,
+    held_bars: Annotated[
+        int, typer.Option("--held-bars", min=0, help="bars the bot has held its long position before these candles (0: it is flat)")
+    ] = 0,
 ) -> None:
-    """Signal (up/flat) and P(up) of the production model for the latest closed candle(s) in a CSV (>= 1000 candles)."""
+    """P(up), signal and the trading rule's position of the production model for the latest closed candle(s) in a CSV
+    (>= 1000 candles)."""
     from cryptoml.io import dump_json
     from cryptoml.live.predict import iso_utc, run_predict
+    from cryptoml.model.rule import FLAT, LONG, Holding
 
     params = load_params(params_file)
     max_age = params.monitor.max_model_age_days if params.monitor.refuse_stale_predictions else None
-    prediction = run_predict(input_csv, params.data.timeframe, model_dir, rows, max_model_age_days=max_age)
+    holding = Holding(LONG if held_bars else FLAT, held_bars)
+    prediction = run_predict(input_csv, params.data.timeframe, model_dir, rows, max_model_age_days=max_age, holding=holding)
     if as_json:
         typer.echo(dump_json(prediction.as_json()), nl=False)
         return
     for signal in prediction.signals:
-        typer.echo(f"{iso_utc(signal.timestamp)}  {signal.signal:<4}  P(up) {signal.p_up:.4f}  (up when >= {prediction.decision_threshold:.4f})")
-    typer.echo(f"model {prediction.model_sha256} ({prediction.backend})")
+        typer.echo(
+            f"{iso_utc(signal.timestamp)}  {signal.signal:<4}  P(up) {signal.p_up:.4f}  (up when >= {prediction.decision_threshold:.4f})  "
+            f"hold: {'long' if signal.position else 'flat'}"
+        )
+    typer.echo(f"model {prediction.model_sha256} ({prediction.backend}); trading rule: {prediction.trading_rule.describe()}")
 
 
 @app.command()
@@ -200,13 +209,15 @@ def history() -> None:
     if not versions:
         typer.echo(f"no version of {MODEL_ARTIFACT} is registered: `cryptoml register` tags the production models of git history")
         return
-    typer.echo("version   stage  commit      registered                 model sha256        roc_auc  brier   mcc     data window")
+    typer.echo("version   stage  commit      registered                 model sha256        roc_auc  brier   mcc     rule return  data window")
     for v in versions:
         m = v.record.metrics if v.record else {}
         window = f"{v.record.data_start} .. {v.record.data_end}" if v.record else "(no production record at this commit)"
+        rule_return = f"{m['rule_total_return']:+.2%}" if "rule_total_return" in m else "-"
         typer.echo(
             f"{v.version:<9} {','.join(v.stages):<6} {v.commit[:10]}  {v.registered_at:<25}  {(v.model_hash or '')[7:25]:<18}  "
-            f"{m.get('roc_auc', float('nan')):.4f}   {m.get('brier', float('nan')):.4f}  {m.get('mcc', float('nan')):.4f}  {window}"
+            f"{m.get('roc_auc', float('nan')):.4f}   {m.get('brier', float('nan')):.4f}  {m.get('mcc', float('nan')):.4f}  "
+            f"{rule_return:>11}  {window}"
         )
 
 

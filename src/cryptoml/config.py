@@ -120,7 +120,7 @@ def _positive_duration(value: str) -> str:
 class RetrainParams(_Section):
     """The retrain policy that the evaluation replays walk-forward (README: "The retrain policy")."""
 
-    every: str = "30D"  # a new model per step of this length; production's weekly retrain is "7D"
+    every: str = "7D"  # a new model per step of this length: what production does every week
     warmup_steps: int = Field(1, ge=1)  # steps before the span whose predictions seed the first threshold
 
     @field_validator("every")
@@ -159,8 +159,43 @@ class ModelParams(_Section):
         return {"lightgbm": self.lightgbm, "xgboost": self.xgboost, "random_forest": self.random_forest}
 
 
-class EvaluateParams(_Section):
-    fee: float = Field(1.0e-3, ge=0.0, lt=1.0)  # per trade side, as a fraction of the traded value
+class CostParams(_Section):
+    """What one side of a trade costs, as a fraction of the traded value; charged on every change of position."""
+
+    fee: float = Field(1.2e-3, ge=0.0, lt=0.5, allow_inf_nan=False)  # bitbank's taker fee: the bot takes liquidity
+    slippage: float = Field(0.0, ge=0.0, lt=0.5, allow_inf_nan=False)
+
+    @property
+    def per_side(self) -> float:
+        return self.fee + self.slippage
+
+
+class RuleGridParams(_Section):
+    low: float = Field(0.1, gt=0.0, le=1.0)
+    high: float = Field(0.6, gt=0.0, le=1.0)
+    step: float = Field(0.02, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RuleGridParams:
+        if self.low > self.high:
+            raise ValueError(f"trading.grid.low ({self.low}) must be at most trading.grid.high ({self.high})")
+        if (self.high - self.low) / self.step > 200:
+            raise ValueError(f"trading.grid holds more than 200 P(up) values (low {self.low}, high {self.high}, step {self.step}): use a larger step")
+        return self
+
+
+class TradingParams(_Section):
+    """The trading rule the bot trades: long from P(up) >= entry until P(up) < exit, both chosen from the grid."""
+
+    grid: RuleGridParams = RuleGridParams()
+    min_hold: list[int] = Field(default_factory=lambda: [1], min_length=1)  # bars a long is held at least; one is chosen
+
+    @field_validator("min_hold")
+    @classmethod
+    def _whole_bars(cls, value: list[int]) -> list[int]:
+        if any(bars < 1 for bars in value):
+            raise ValueError(f"expected whole numbers of bars >= 1, got {value}")
+        return value
 
 
 class GateParams(_Section):
@@ -174,6 +209,10 @@ class GateParams(_Section):
     champion_tolerance: float = Field(0.005, ge=0.0, le=1.0)  # ROC AUC the challenger may lose to the champion
     champion_log_loss_tolerance: float = Field(0.002, ge=0.0, allow_inf_nan=False)
     champion_min_shared_rows: int = Field(500, ge=1)  # fewer shared out-of-sample rows: no champion comparison
+    # The economics of the walk-forward trading rule, after costs (applied when the production rule trades).
+    min_rule_return: float | None = Field(0.0, gt=-1.0, allow_inf_nan=False)
+    min_rule_psr: float | None = Field(0.5, ge=0.0, le=1.0)
+    champion_return_tolerance: float = Field(0.01, ge=0.0, allow_inf_nan=False)  # after-cost return it may lose on shared rows
     min_f1: float | None = Field(None, ge=0.0, le=1.0)  # the original system's rule (0.6), off by default
     min_mcc: float | None = Field(None, ge=-1.0, le=1.0)
 
@@ -224,7 +263,8 @@ class Params(_Section):
     split: SplitParams = SplitParams()
     retrain: RetrainParams = RetrainParams()
     model: ModelParams
-    evaluate: EvaluateParams = EvaluateParams()
+    costs: CostParams = CostParams()
+    trading: TradingParams = TradingParams()
     gate: GateParams = GateParams()
     monitor: MonitorParams = MonitorParams()
     executor: ExecutorParams = ExecutorParams()

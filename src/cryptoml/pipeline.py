@@ -23,12 +23,14 @@ from cryptoml.config import Params
 from cryptoml.console import progress
 from cryptoml.features.manager import FeatureManager
 from cryptoml.io import atomic_path, write_json_atomic
-from cryptoml.model.artifacts import MANIFEST_NAME, OOS_PREDICTIONS, ArtifactError, read_model, read_oos_predictions
+from cryptoml.model.artifacts import MANIFEST_NAME, OOS_PREDICTIONS, ArtifactError, read_artifacts, read_model, read_oos_predictions
 from cryptoml.model.labels import make_labels
+from cryptoml.model.rule import TradingRule
 from cryptoml.release.registry import source_commit
 
 if TYPE_CHECKING:
     from cryptoml.model.executor import ExecutorSettings
+    from cryptoml.model.trading import Costs
     from cryptoml.model.training import TrainingSettings
     from cryptoml.release.promotion import Decision
 
@@ -76,7 +78,8 @@ def read_training_inputs() -> tuple[pd.DataFrame, pd.Series]:
 
 
 def training_settings(params: Params) -> TrainingSettings:
-    from cryptoml.model.training import FitSettings, TrainingSettings
+    from cryptoml.model.trading import RuleGrid
+    from cryptoml.model.training import FitSettings, RuleSettings, TrainingSettings
 
     return TrainingSettings(
         horizon=params.label.horizon,
@@ -91,7 +94,14 @@ def training_settings(params: Params) -> TrainingSettings:
             random_state=params.model.random_state,
             n_jobs=params.model.n_jobs,
         ),
+        rules=RuleSettings(costs=costs(params), grid=RuleGrid(**params.trading.grid.model_dump(), min_hold=tuple(params.trading.min_hold))),
     )
+
+
+def costs(params: Params) -> Costs:
+    from cryptoml.model.trading import Costs
+
+    return Costs(fee=params.costs.fee, slippage=params.costs.slippage)
 
 
 def executor(params: Params) -> ExecutorSettings:
@@ -184,21 +194,34 @@ def run_evaluate(params: Params) -> None:
         current_labels(params, close),
         close,
         model.feature_importances(),
-        fee=params.evaluate.fee,
+        cost=params.costs.per_side,
         timeframe=parse_timeframe(params.data.timeframe),
         horizon=params.label.horizon,
         label_threshold=params.label.threshold,
     )
     write_plots(result.plots, paths.PLOTS_DIR)
+    write_json_atomic(paths.EVALUATION_REPORT, result.report)
     write_json_atomic(paths.EVALUATE_METRICS, result.metrics)
-    policy, frozen, prior = result.metrics["policy"], result.metrics["frozen"], result.metrics["baselines"]["class_prior"]
+    report = result.report
+    policy, frozen, prior = report["policy"], report["frozen"], report["baselines"]["class_prior"]
     log.info(
         "out of sample, %d rows: policy ROC AUC %.4f (frozen %.4f), log loss %.4f (class prior %.4f), MCC %.4f",
-        result.metrics["span"]["rows"], policy["roc_auc"], frozen["roc_auc"], policy["log_loss"], prior["log_loss"], policy["mcc"],
+        report["span"]["rows"], policy["roc_auc"], frozen["roc_auc"], policy["log_loss"], prior["log_loss"], policy["mcc"],
+    )
+    rule, holding = report["backtest"]["rule"], report["backtest"]["buy_and_hold"]
+    log.info(
+        "after costs of %g per side: walk-forward rule %+.2f%% (Sharpe %.2f, 95%% interval %.2f .. %.2f, PSR %.2f, %d trades), "
+        "naive %+.2f%%, frozen %+.2f%%, buy-and-hold %+.2f%%",
+        params.costs.per_side, 100 * rule["total_return"], rule["sharpe"], rule["sharpe_ci_low"], rule["sharpe_ci_high"], rule["psr"],
+        rule["trades"], 100 * report["backtest"]["naive"]["total_return"], 100 * report["backtest"]["frozen"]["total_return"],
+        100 * holding["total_return"],
     )
 
 
-KEY_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "f1", "mcc", "precision", "recall", "accuracy")
+KEY_METRICS = ("roc_auc", "log_loss", "brier", "mcc")
+# The walk-forward rule's after-cost figures kept beside them (production metadata "trading_metrics"); a model
+# promoted before trading rules has none.
+KEY_TRADING_METRICS = ("total_return", "sharpe", "psr")
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,20 +258,35 @@ def production_record(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
         "git_commit": metadata["version_control"]["git_commit"],
         "data_start": info["data_start"],
         "data_end": info["data_end"],
-        "metrics": {key: metadata["performance_metrics"][key] for key in KEY_METRICS},
+        "metrics": {
+            **{key: metadata["performance_metrics"][key] for key in KEY_METRICS},
+            **{f"rule_{key}": value for key, value in _trading_figures(metadata).items()},
+        },
     }
 
 
-def production_metadata(champion: Champion | None, out_of_sample: dict[str, float]) -> dict[str, Any]:
-    """The training metadata, restated for production: the policy's out-of-sample metrics and the model it replaces.
+def _trading_figures(metadata: dict[str, Any]) -> dict[str, float]:
+    rule = metadata.get("trading_metrics", {}).get("rule")
+    return {} if rule is None else {key: rule[key] for key in KEY_TRADING_METRICS}
+
+
+def production_metadata(champion: Champion | None, report: dict[str, Any], flat_rule: FlatRule | None = None) -> dict[str, Any]:
+    """The training metadata, restated for production: the policy's out-of-sample metrics, the after-cost figures of
+    its walk-forward trading rule beside buy-and-hold's, and the model it replaces. With `flat_rule`, the model is
+    promoted with the flat rule: its rule and hash are those of the rewritten manifest, and the metadata says why.
 
     Promoting the served model again (a forced rerun) replaces nothing: it keeps the previous version it had.
     """
     from cryptoml.release.promotion import read_production_metadata
 
     metadata = json.loads(paths.TRAINING_METADATA.read_text())
+    version_control = metadata["version_control"]
+    trading_rule = metadata["trading_rule"]
+    if flat_rule is not None:
+        version_control = {**version_control, "model_hash": flat_rule.model_hash, "trained_model_hash": version_control["model_hash"]}
+        trading_rule = {**flat_rule.rule.as_json(), "description": flat_rule.rule.describe(), "chosen_on": flat_rule.reason, "trained": trading_rule}
     previous = None
-    if champion is not None and champion.sha256 == metadata["version_control"]["model_hash"]:
+    if champion is not None and champion.sha256 == version_control["model_hash"]:
         served = read_production_metadata(paths.PRODUCTION_DIR) or {}
         previous = served.get("version_control", {}).get("previous_version")
     elif champion is not None:
@@ -257,9 +295,24 @@ def production_metadata(champion: Champion | None, out_of_sample: dict[str, floa
         **metadata,
         "status": "production",
         "model_file": str(paths.PRODUCTION_DIR / MANIFEST_NAME),
-        "performance_metrics": out_of_sample,
-        "version_control": {**metadata["version_control"], "previous_version": previous},
+        "trading_rule": trading_rule,
+        "performance_metrics": report["policy"],
+        "trading_metrics": {
+            "cost_per_side": report["backtest"]["cost_per_side"],
+            "rule": report["backtest"]["rule"],
+            "buy_and_hold": report["backtest"]["buy_and_hold"],
+        },
+        "version_control": {**version_control, "previous_version": previous},
     }
+
+
+@dataclass(frozen=True)
+class FlatRule:
+    """A challenger promoted with the flat rule: the rule, the hash of its rewritten manifest, and why."""
+
+    rule: TradingRule
+    model_hash: str
+    reason: str
 
 
 def run_promote(params: Params) -> Decision:
@@ -270,7 +323,7 @@ def run_promote(params: Params) -> Decision:
     stage before the gate, and production and metrics/promotion.json are left as they were.
     """
     from cryptoml.model.ensemble import ProductionEnsemble
-    from cryptoml.release.promotion import compare_with_champion, decide, promote, read_production_metadata
+    from cryptoml.release.promotion import RuleRecord, compare_with_champion, decide, promote, read_production_metadata, with_trading_rule
 
     challenger = ProductionEnsemble.load(paths.TRAINING_DIR, backend="onnx")
     record = stored_record(paths.TRAINING_DIR)
@@ -279,13 +332,22 @@ def run_promote(params: Params) -> Decision:
     features, close = read_training_inputs()
     parity = challenger.check_serving_parity(features.loc[pd.DatetimeIndex(record.loc[record["scored"], "timestamp"])])
     log.info("ONNX graph vs native models on %d evaluation rows: max |P(up) difference| %.2g", parity.rows, parity.max_abs_difference)
-    evaluation = json.loads(paths.EVALUATE_METRICS.read_text())
+    evaluation = json.loads(paths.EVALUATION_REPORT.read_text())
     champion, note = read_champion()
     comparison = None
     if champion is not None and champion.record is None:
         note = f"the production model {champion.sha256} stores no out-of-sample predictions (saved before they were kept)"
     elif champion is not None:
-        comparison, note = compare_with_champion(record, champion.record, current_labels(params, close), params.gate.champion_min_shared_rows)
+        comparison, note = compare_with_champion(
+            record,
+            champion.record,
+            current_labels(params, close),
+            params.gate.champion_min_shared_rows,
+            close=close,
+            cost=params.costs.per_side,
+            timeframe=parse_timeframe(params.data.timeframe),
+        )
+    walk_forward_rule = evaluation["backtest"]["rule"]
     decision = decide(
         evaluation["policy"],
         evaluation["baselines"],
@@ -294,9 +356,16 @@ def run_promote(params: Params) -> Decision:
         challenger_sha256=challenger.model_sha256_,
         champion_sha256=champion.sha256 if champion is not None else None,
         champion_note=note,
+        rule=RuleRecord(
+            total_return=walk_forward_rule["total_return"], psr=walk_forward_rule["psr"], production_rule_trades=challenger.rule.trades
+        ),
     )
     if decision.promote:
-        promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(champion, evaluation["policy"]))
+        flat = None
+        if decision.flat_rule:
+            rule = TradingRule.flat()
+            flat = FlatRule(rule, with_trading_rule(read_artifacts(paths.TRAINING_DIR), rule).model_sha256, "; ".join(decision.reasons))
+        promote(paths.TRAINING_DIR, paths.PRODUCTION_DIR, production_metadata(champion, evaluation, flat), None if flat is None else flat.rule)
     else:
         # DVC fails a stage whose output is missing: a first challenger that fails the gate leaves an empty
         # production directory (nothing to serve) rather than a failed `dvc repro`.
@@ -307,7 +376,7 @@ def run_promote(params: Params) -> Decision:
         "production": production_record(read_production_metadata(paths.PRODUCTION_DIR)),
     }
     write_json_atomic(paths.PROMOTION_METRICS, record_json)
-    verdict = "PROMOTED" if decision.promote else "REJECTED"
+    verdict = "REJECTED" if not decision.promote else "PROMOTED with the flat rule" if decision.flat_rule else "PROMOTED"
     log.info("%s %s", verdict, challenger.model_sha256_)
     for reason in decision.reasons:
         log.info("  %s", reason)

@@ -6,6 +6,9 @@ features come from FeatureManager.generate_latest, which reads the last LIVE_WIN
 file must hold at least that many closed ones. The model is loaded with every hash verified and
 serves through its ONNX graph unless CRYPTOML_BACKEND=native. With monitor.refuse_stale_predictions, a model
 whose data ends more than monitor.max_model_age_days before `now` gives no signal at all.
+
+Each row also gets the position to hold for the next bar: the model's trading rule (cryptoml.model.rule), applied
+from the holding the bot has before the first row (flat unless told otherwise), row after row.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from cryptoml.candles.store import read_csv_candles, summarize_candles, validate
 from cryptoml.candles.timeframe import parse_timeframe
 from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
 from cryptoml.model.ensemble import ProductionEnsemble
+from cryptoml.model.rule import Holding, TradingRule
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class Signal:
     timestamp: pd.Timestamp  # the candle's open time, as in the file
     p_up: float
     signal: str  # "up" or "flat"
+    position: int  # what the trading rule holds for the next bar: 1 long, 0 flat
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Prediction:
     model_sha256: str
     backend: str
     decision_threshold: float
+    trading_rule: TradingRule
     open_candles_skipped: int
 
     def as_json(self) -> dict[str, Any]:
@@ -52,9 +58,11 @@ class Prediction:
             "model_sha256": self.model_sha256,
             "backend": self.backend,
             "decision_threshold": self.decision_threshold,
+            "trading_rule": self.trading_rule.as_json(),
             "open_candles_skipped": self.open_candles_skipped,
             "predictions": [
-                {"timestamp": iso_utc(signal.timestamp), "signal": signal.signal, "p_up": signal.p_up} for signal in self.signals
+                {"timestamp": iso_utc(signal.timestamp), "signal": signal.signal, "p_up": signal.p_up, "position": signal.position}
+                for signal in self.signals
             ],
         }
 
@@ -115,13 +123,15 @@ def closed_candles(candles: pd.DataFrame, timeframe: str, now: pd.Timestamp) -> 
     return candles[closes <= now].reset_index(drop=True)
 
 
-def signals(features: pd.DataFrame, model: ProductionEnsemble) -> list[Signal]:
-    """The model's signal for each feature row (indexed by candle open time)."""
+def signals(features: pd.DataFrame, model: ProductionEnsemble, holding: Holding) -> list[Signal]:
+    """The model's signal and trading-rule position for each feature row (indexed by candle open time), the rule
+    starting from `holding`."""
     p_up = model.predict_proba(features)[:, 1]
     labels = model.predict(features)
+    positions, _ = model.rule.holdings(p_up, holding)
     return [
-        Signal(timestamp=timestamp, p_up=float(probability), signal=SIGNALS[int(label)])
-        for timestamp, probability, label in zip(features.index, p_up, labels, strict=True)
+        Signal(timestamp=timestamp, p_up=float(probability), signal=SIGNALS[int(label)], position=int(position))
+        for timestamp, probability, label, position in zip(features.index, p_up, labels, positions, strict=True)
     ]
 
 
@@ -132,8 +142,10 @@ def run_predict(
     n_rows: int = 1,
     now: pd.Timestamp | None = None,
     max_model_age_days: float | None = None,
+    holding: Holding = Holding(),
 ) -> Prediction:
-    """Read and validate the CSV, load the model, and predict the last n_rows closed candles.
+    """Read and validate the CSV, load the model, and predict the last n_rows closed candles; `holding` is what the
+    bot holds before the first of them.
 
     With `max_model_age_days`, a model whose data ends longer ago than that is refused (StaleModelError).
     """
@@ -155,9 +167,10 @@ def run_predict(
     if max_model_age_days is not None:
         require_fresh_model(model, now, max_model_age_days)
     return Prediction(
-        signals=signals(features, model),
+        signals=signals(features, model, holding),
         model_sha256=str(model.model_sha256_),
         backend=model.serving_backend,
         decision_threshold=float(model.decision_threshold),
+        trading_rule=model.rule,
         open_candles_skipped=len(candles) - len(closed),
     )

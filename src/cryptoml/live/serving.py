@@ -33,6 +33,7 @@ import onnxruntime
 
 from cryptoml.features.spec import FEATURE_NAMES
 from cryptoml.model.artifacts import MANIFEST_NAME, ONNX_GRAPH, ArtifactError, read_model
+from cryptoml.model.rule import Holding, TradingRule
 from cryptoml.paths import PRODUCTION_DIR
 
 log = logging.getLogger(__name__)
@@ -154,11 +155,13 @@ def require_finite_rows(matrix: np.ndarray, row_labels: Sequence[Any] | None = N
 
 
 class ServingModel:
-    """A saved model's ONNX graph with its decision threshold: P(up) and the signal, nothing else.
+    """A saved model's ONNX graph, decision threshold and trading rule: P(up), and the position to hold.
 
     Loading checks every file's size and sha256 against the manifest and the feature spec, exactly as
     ProductionEnsemble.load does, and there is no fallback: a model without a graph is an ArtifactError.
     Rows are arrays in FEATURE_NAMES order, or frames whose columns are exactly FEATURE_NAMES.
+    `next_holding(p_up, holding)` applies the model's trading rule (cryptoml.model.rule, the backtest's own code):
+    the position to hold for the next bar from this bar's P(up) and what the bot holds now.
     `reload_if_changed()` follows the directory: after a promotion, rollback or `cryptoml pull-model`.
     """
 
@@ -170,10 +173,12 @@ class ServingModel:
         version_info: dict[str, Any],
         directory: Path | None = None,
         manifest: bytes = b"",
+        rule: TradingRule | None = None,
     ) -> None:
         self._graph = graph
         self.model_sha256 = model_sha256
         self.decision_threshold = decision_threshold
+        self.rule = TradingRule.threshold(decision_threshold) if rule is None else rule
         self.version_info = version_info
         self.feature_names = list(FEATURE_NAMES)
         self.directory = directory
@@ -192,7 +197,8 @@ class ServingModel:
             graph = OnnxGraph.from_stored(payloads[ONNX_GRAPH])
         except Exception as exc:  # onnxruntime and gzip raise their own error types; all mean "unusable file"
             raise ArtifactError(f"{directory / manifest.model.files[ONNX_GRAPH].name}: hash verified but the graph cannot be loaded: {exc}") from exc
-        return cls(graph, manifest.model_sha256, manifest.model.decision_threshold, dict(manifest.version_info), directory, text)
+        section = manifest.model
+        return cls(graph, manifest.model_sha256, section.decision_threshold, dict(manifest.version_info), directory, text, section.rule)
 
     def reload_if_changed(self) -> bool:
         """Load the directory's model again when its manifest changed; True when another model is now served.
@@ -214,6 +220,7 @@ class ServingModel:
         changed = fresh.model_sha256 != self.model_sha256
         self._graph, self._manifest = fresh._graph, fresh._manifest
         self.model_sha256, self.decision_threshold, self.version_info = fresh.model_sha256, fresh.decision_threshold, fresh.version_info
+        self.rule = fresh.rule
         return changed
 
     def _rows(self, X: Any) -> np.ndarray:
@@ -230,3 +237,7 @@ class ServingModel:
     def predict(self, X: Any) -> np.ndarray:
         """1 (up) where P(up) >= decision_threshold, else 0: the same P(up) as predict_proba."""
         return (self.predict_proba(X)[:, 1] >= self.decision_threshold).astype(np.int64)
+
+    def next_holding(self, p_up: float, holding: Holding) -> Holding:
+        """What to hold for the next bar: the model's trading rule on this closed bar's P(up) and the holding now."""
+        return self.rule.next_holding(p_up, holding)

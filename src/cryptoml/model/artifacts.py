@@ -10,11 +10,13 @@ file the old manifest lists, and only the atomic swap of the manifest switches a
 model to the other (see cryptoml.release.promotion). The manifest may name only these exact names, so it
 cannot point outside its directory. Every file's size and sha256 are checked before it is parsed.
 
-Formats: "cryptoml-ensemble/4" (written) lists the three model files, the ONNX graph and, for a model
+Formats: "cryptoml-ensemble/5" (written) lists the three model files, the ONNX graph and, for a model
 made by the pipeline, the out-of-sample record of the retrain policy that made it (CSV: the
-predictions the promotion gate compares with the next challenger's, so they are hashed with the
-model); "cryptoml-ensemble/3" has no record, and "cryptoml-ensemble/2" no graph either (it loads
-natively). Both still load, so older production models can be rolled back to.
+predictions and positions the promotion gate compares with the next challenger's, so they are hashed
+with the model); its model section holds the trading rule (cryptoml.model.rule), so the rule is part of
+the model hash. "cryptoml-ensemble/4" has no trading rule (it trades as it was served: long while
+P(up) >= its decision threshold), "cryptoml-ensemble/3" no record either, and "cryptoml-ensemble/2" no
+graph (it loads natively). All still load, so older production models can be rolled back to.
 """
 
 from __future__ import annotations
@@ -31,20 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from cryptoml.features.spec import FEATURE_NAMES, FEATURE_VERSION, feature_spec_hash
+from cryptoml.model.rule import TradingRule
 
 MODEL_NAMES: tuple[str, ...] = ("lightgbm", "xgboost", "random_forest")
 
 MANIFEST_NAME = "ensemble.json"
-MANIFEST_FORMAT = "cryptoml-ensemble/4"
+MANIFEST_FORMAT = "cryptoml-ensemble/5"
 ONNX_GRAPH = "onnx"  # the manifest's key for the graph file, beside the model names
 OOS_PREDICTIONS = "oos_predictions"  # the key of the out-of-sample record
 # The files each readable format lists, by key: exactly the required ones, plus any of the optional ones.
 _FORMAT_FILES: dict[str, tuple[str, ...]] = {
     "cryptoml-ensemble/2": MODEL_NAMES,
     "cryptoml-ensemble/3": (*MODEL_NAMES, ONNX_GRAPH),
+    "cryptoml-ensemble/4": (*MODEL_NAMES, ONNX_GRAPH),
     MANIFEST_FORMAT: (*MODEL_NAMES, ONNX_GRAPH),
 }
-_OPTIONAL_FILES: dict[str, tuple[str, ...]] = {MANIFEST_FORMAT: (OOS_PREDICTIONS,)}
+_OPTIONAL_FILES: dict[str, tuple[str, ...]] = {"cryptoml-ensemble/4": (OOS_PREDICTIONS,), MANIFEST_FORMAT: (OOS_PREDICTIONS,)}
+# The formats whose model section holds a trading rule.
+_RULE_FORMATS = frozenset({MANIFEST_FORMAT})
 COMPONENT_SUFFIXES: dict[str, str] = {
     "lightgbm": ".txt", "xgboost": ".ubj", "random_forest": ".skops", ONNX_GRAPH: ".onnx.gz", OOS_PREDICTIONS: ".csv",
 }
@@ -180,14 +186,31 @@ class ModelSection:
     feature_spec_hash: str
     feature_manager_version: str
     files: dict[str, FileEntry]  # by model name
+    trading_rule: dict[str, float | None] | None = None  # TradingRule.as_json(); None in formats before 5
+
+    def as_json(self) -> dict[str, Any]:
+        """The section as stored: without a trading_rule key in the formats that have none, so their hash holds."""
+        data = asdict(self)
+        if self.trading_rule is None:
+            del data["trading_rule"]
+        return data
 
     def sha256(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        canonical = json.dumps(self.as_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return sha256_digest(canonical.encode())
+
+    @property
+    def rule(self) -> TradingRule:
+        """The rule the model trades; a model saved before rules existed trades as it was served then."""
+        if self.trading_rule is None:
+            return TradingRule.threshold(self.decision_threshold)
+        return TradingRule.from_json(self.trading_rule, "model.trading_rule")
 
     @classmethod
     def parse(cls, data: Any, where: str) -> ModelSection:
-        fields = _object(data, tuple(field.name for field in dataclass_fields(cls)), where)
+        keys = tuple(field.name for field in dataclass_fields(cls))
+        fields = _object(data, keys if isinstance(data, dict) and "trading_rule" in data else keys[:-1], where)
+        rule = fields.get("trading_rule")
         names = fields["feature_names"]
         if not isinstance(names, list):
             raise _Invalid(f"{where}.feature_names must be a list, got {type(names).__name__}")
@@ -201,6 +224,7 @@ class ModelSection:
             feature_spec_hash=_typed(fields["feature_spec_hash"], str, f"{where}.feature_spec_hash"),
             feature_manager_version=_typed(fields["feature_manager_version"], str, f"{where}.feature_manager_version"),
             files=_mapping(fields["files"], f"{where}.files", FileEntry.parse),
+            trading_rule=None if rule is None else _mapping(rule, f"{where}.trading_rule", lambda value, _: value),
         )
 
 
@@ -213,7 +237,7 @@ class Manifest:
     version_info: dict[str, Any]
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "model": self.model.as_json()}
 
     @classmethod
     def parse(cls, text: bytes) -> Manifest:
@@ -248,6 +272,9 @@ def _parse_manifest(text: bytes, path: Path) -> Manifest:
         raise ArtifactError(f"{path}: not a valid {MANIFEST_FORMAT} manifest: {exc}") from None
     if manifest.format not in _FORMAT_FILES:
         raise ArtifactError(f"{path}: format {manifest.format!r}, this code reads {sorted(_FORMAT_FILES)}")
+    if (manifest.model.trading_rule is not None) != (manifest.format in _RULE_FORMATS):
+        has = "has" if manifest.model.trading_rule is not None else "lacks"
+        raise ArtifactError(f"{path}: a {manifest.format} manifest {has} model.trading_rule (formats with one: {sorted(_RULE_FORMATS)})")
     if manifest.model.sha256() != manifest.model_sha256:
         raise ArtifactError(
             f"{path}: model_sha256 {manifest.model_sha256} does not match the hash of its model section "
@@ -281,6 +308,7 @@ def _check_model_values(model: ModelSection) -> None:
         raise ValueError(f"model.feature_names {model.feature_names} are not the FeatureManager's {list(FEATURE_NAMES)} in order")
     validate_weights(model.weights)
     validated_threshold(model.decision_threshold)
+    _ = model.rule  # a trading rule that TradingRule refuses (exit above entry, outside (0, 1]) raises ValueError
     validated_int("model.n_jobs", model.n_jobs, 1)
     validated_int("model.random_state", model.random_state, 0, 2**31 - 1)
 

@@ -79,9 +79,12 @@ from cryptoml.model.artifacts import (
     validated_int,
     validated_threshold,
 )
+from cryptoml.model.rule import TradingRule
 from cryptoml.paths import PRODUCTION_DIR
 
 DEFAULT_WEIGHTS: dict[str, float] = {"lightgbm": 0.4, "xgboost": 0.4, "random_forest": 0.2}
+# The estimator's own defaults, for a ProductionEnsemble() built outside the pipeline; the pipeline passes every key of
+# params.yaml's `model:` hyperparameters over them (docs/training.md says why those).
 DEFAULT_MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "lightgbm": {"n_estimators": 200, "learning_rate": 0.1, "max_depth": 8, "num_leaves": 31},
     "xgboost": {"n_estimators": 200, "learning_rate": 0.1, "max_depth": 8},
@@ -373,7 +376,8 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
     `weights`, `model_params`, `random_state` and `n_jobs` take effect at fit (`weights_` holds the
     normalised weights); `decision_threshold` and `n_jobs` (LightGBM and XGBoost threads; the forest
     predicts in the calling thread) are read at every prediction, so both can be changed on a fitted
-    or loaded model with set_params. A model loaded with its ONNX graph (`onnx_graph_`) predicts
+    or loaded model with set_params. `trading_rule` is the position rule saved with the model (`rule`);
+    without one the model trades its decision threshold (TradingRule.threshold). A model loaded with its ONNX graph (`onnx_graph_`) predicts
     through it in one thread whatever n_jobs says; a fitted one predicts natively until saved and loaded.
     """
 
@@ -384,12 +388,23 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
         decision_threshold: float = 0.5,
         random_state: int = 42,
         n_jobs: int = 1,
+        trading_rule: TradingRule | None = None,
     ) -> None:
         self.weights = weights
         self.model_params = model_params
         self.decision_threshold = decision_threshold
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.trading_rule = trading_rule
+
+    @property
+    def rule(self) -> TradingRule:
+        """The trading rule the model is served with: its own, or long exactly while P(up) >= decision_threshold."""
+        if self.trading_rule is None:
+            return TradingRule.threshold(validated_threshold(self.decision_threshold))
+        if not isinstance(self.trading_rule, TradingRule):
+            raise ValueError(f"trading_rule must be a TradingRule, got {type(self.trading_rule).__name__}")
+        return self.trading_rule
 
     def fit(self, X: Any, y: Any) -> ProductionEnsemble:
         """Fit the three models on the same rows, each seeded and deterministic, so refits are identical."""
@@ -550,6 +565,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
                 "feature_spec_hash": feature_spec_hash(),
                 "feature_manager_version": FEATURE_VERSION,
                 "files": {name: asdict(entry) for name, entry in files.items()},
+                "trading_rule": self.rule.as_json(),
             },
             "model",
         )
@@ -658,6 +674,7 @@ class ProductionEnsemble(ClassifierMixin, BaseEstimator):
             decision_threshold=section.decision_threshold,
             random_state=section.random_state,
             n_jobs=section.n_jobs,
+            trading_rule=None if section.trading_rule is None else section.rule,
         )
         model._set_fitted(
             components["lightgbm"],

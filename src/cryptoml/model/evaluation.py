@@ -31,16 +31,18 @@ Baselines:
   ends at t). It is recomputed from the close series, so the first `horizon` rows of the span use
   the labels of the bars before it (known by then) and no row is dropped.
 
-Backtest: at each row t the position for the next bar is 1 (long) if the model predicts up at t,
-else 0 (flat), decided afresh every bar whatever the label horizon. The next bar's return is
-close[t+1] / close[t] - 1, with t+1 the next bar of the close series; the last row has one when the
-close series goes on past it (it does in the pipeline, whose last `horizon` bars have no label),
-otherwise that row is left out of the backtest only. See `backtest` for fees and figures.
+Backtest (cryptoml.model.backtest for the conventions and figures, all after costs), on the same rows:
+
+* rule: the trading rule walk-forward, each step trading with the parameters chosen before it (the positions
+  stored in the record by the train stage, made by cryptoml.model.rule);
+* naive: long for the next bar whenever P(up) >= the step's decision threshold, the signal as it was served
+  before trading rules (kept as a reference);
+* frozen: the frozen model with its own walk-forward rule;
+* buy_and_hold: long from the first row.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,16 +53,32 @@ from sklearn.metrics import average_precision_score, f1_score, log_loss, precisi
 
 from cryptoml.features.manager import FEATURE_NAMES
 from cryptoml.io import rounded_json
+from cryptoml.model.backtest import close_positions, drawdown, next_bar_returns, path_figures, periods_per_year, uncertainty
 from cryptoml.model.labels import make_labels
 from cryptoml.model.training import score
 
 PROBABILITY_CLIP = 1e-15
 MAX_CURVE_POINTS = 200
 CALIBRATION_BINS = 10
-DAYS_PER_YEAR = 365  # crypto trades around the clock, every day of the year
 
 BASELINE_NAMES: tuple[str, ...] = ("class_prior", "always_up", "persistence")
-PLOT_NAMES: tuple[str, ...] = ("roc", "precision_recall", "calibration", "confusion", "feature_importance", "equity", "walk_forward")
+# The series each chart is read against: chance, the base rate, perfect calibration, 0.5 ROC AUC, the class prior.
+REFERENCE = "reference"
+PLOT_NAMES: tuple[str, ...] = (
+    "roc", "precision_recall", "calibration", "confusion", "feature_importance", "equity", "drawdown", "walk_forward",
+)
+STRATEGIES: tuple[str, ...] = ("rule", "naive", "frozen", "buy_and_hold")
+# What metrics/evaluate.json holds, so that `dvc metrics diff --md` stays one screen long; every figure of every
+# strategy and model is in the full report (metrics/evaluation_report.json), which the gate reads.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "span": ("rows", "steps"),
+    "policy": ("roc_auc", "log_loss_vs_prior", "brier_vs_prior"),
+    "frozen": ("roc_auc", "log_loss_vs_prior"),
+    "backtest.rule": ("total_return", "annual_return", "sharpe", "sharpe_ci_low", "sharpe_ci_high", "psr", "max_drawdown", "trades_per_week"),
+    "backtest.naive": ("total_return", "sharpe", "trades_per_week"),
+    "backtest.frozen": ("total_return", "sharpe", "trades_per_week"),
+    "backtest.buy_and_hold": ("total_return", "sharpe", "max_drawdown"),
+}
 
 
 def _checked_labels(y_true: Any) -> np.ndarray:
@@ -110,39 +128,13 @@ def classification_metrics(y_true: Any, p_up: Any, threshold: float | np.ndarray
 # --- baselines ----------------------------------------------------------------------------------
 
 
-def _require_close(close: pd.Series) -> None:
-    if not isinstance(close, pd.Series) or not isinstance(close.index, pd.DatetimeIndex):
-        raise ValueError("close must be a pandas Series indexed by the candle timestamps")
-    if not close.index.is_unique or not close.index.is_monotonic_increasing:
-        raise ValueError("close: the index must be unique, strictly increasing timestamps")
-
-
-def _close_positions(index: pd.DatetimeIndex, close: pd.Series) -> np.ndarray:
-    """Position in `close` of each row of `index`; the rows must be consecutive bars of `close`.
-
-    A row missing in between would make the backtest skip that bar's return silently.
-    """
-    _require_close(close)
-    positions = close.index.get_indexer(index)
-    missing = np.flatnonzero(positions < 0)
-    if missing.size:
-        raise ValueError(f"{missing.size} holdout timestamp(s) are not in close, first {index[missing[0]]}")
-    jumps = np.flatnonzero(np.diff(positions) != 1)
-    if jumps.size:
-        raise ValueError(
-            f"holdout rows must be consecutive bars of close; after {index[jumps[0]]} the next holdout row is "
-            f"{index[jumps[0] + 1]}, {positions[jumps[0] + 1] - positions[jumps[0]] - 1} close bar(s) later"
-        )
-    return positions
-
-
 def persistence_labels(y_holdout: pd.Series, close: pd.Series, *, horizon: int, label_threshold: float) -> np.ndarray:
     """The label of bar t - horizon for each holdout row t: the most recent label known at t.
 
     Labels are recomputed from `close` with the label parameters and must reproduce `y_holdout`,
     so a mismatch of label params between stages is an error rather than a silently wrong baseline.
     """
-    positions = _close_positions(pd.DatetimeIndex(y_holdout.index), close)
+    positions = close_positions(pd.DatetimeIndex(y_holdout.index), close)
     if positions[0] < horizon:
         raise ValueError(
             f"persistence needs the label of bar t - {horizon}: close must start at least {horizon} bar(s) before "
@@ -179,100 +171,6 @@ def baseline_probabilities(
     }
 
 
-# --- backtest -----------------------------------------------------------------------------------
-
-
-def periods_per_year(timeframe: pd.Timedelta) -> float:
-    """Bars in a year of round-the-clock trading: 8760 for 1h, 365 for 1d."""
-    if not isinstance(timeframe, pd.Timedelta) or timeframe <= pd.Timedelta(0):
-        raise ValueError(f"timeframe must be a positive pd.Timedelta (e.g. parse_timeframe('1h')), got {timeframe!r}")
-    return pd.Timedelta(days=DAYS_PER_YEAR) / timeframe
-
-
-def sharpe_ratio(bar_returns: np.ndarray, bars_per_year: float) -> float:
-    """Annualised Sharpe ratio (risk-free rate 0, sample std); 0 when undefined (< 2 bars or no variation)."""
-    if len(bar_returns) < 2 or np.ptp(bar_returns) == 0.0:  # the std of equal floats can round to 1e-19, not 0
-        return 0.0
-    return float(np.mean(bar_returns)) / float(np.std(bar_returns, ddof=1)) * math.sqrt(bars_per_year)
-
-
-def max_drawdown(equity: np.ndarray) -> float:
-    """Deepest fall from a running peak as a fraction <= 0 (-0.25: a quarter of the peak was lost)."""
-    return float(np.min(equity / np.maximum.accumulate(equity)) - 1.0)
-
-
-def _trading_figures(positions: np.ndarray, bar_returns: np.ndarray, fee: float, bars_per_year: float) -> tuple[dict[str, float], np.ndarray]:
-    """Figures of one position series and its equity after each bar (starting from 1)."""
-    changes = np.abs(np.diff(positions, prepend=0))  # flat before the first bar
-    net_returns = (1.0 - fee) ** changes * (1.0 + positions * bar_returns) - 1.0
-    equity = np.cumprod(1.0 + net_returns)
-    in_market = positions == 1
-    figures = {
-        "total_return": float(equity[-1] - 1.0),
-        "sharpe": sharpe_ratio(net_returns, bars_per_year),
-        "max_drawdown": max_drawdown(np.concatenate(([1.0], equity))),
-        "trades": int(changes.sum()),
-        "hit_rate": float(np.mean(net_returns[in_market] > 0.0)) if in_market.any() else 0.0,
-        "exposure": float(in_market.mean()),
-    }
-    return figures, equity
-
-
-@dataclass(frozen=True, eq=False)
-class Backtest:
-    """`metrics`: bars, fee, periods_per_year and the figures of "strategy" and "buy_and_hold";
-    `equity`: timestamp, strategy, buy_and_hold (equity from 1.0 at the first decision)."""
-
-    metrics: dict[str, Any]
-    equity: pd.DataFrame
-
-
-def backtest(signal: pd.Series, close: pd.Series, *, fee: float, timeframe: pd.Timedelta) -> Backtest:
-    """Long for the next bar where `signal` (0/1, indexed by decision time) is 1, flat where 0.
-
-    Fees: `fee` is the cost of one trade side as a fraction of the traded value; every position
-    change (entering or leaving) multiplies equity by 1 - fee. The strategy starts flat; both it and
-    buy-and-hold (one entry fee at the first bar) are marked to market at the last close with no
-    closing fee, so buy-and-hold returns (1 - fee) * last / first - 1.
-
-    Figures: total_return; sharpe (annualised from per-bar net returns with `periods_per_year`);
-    max_drawdown (a fraction <= 0); trades (position changes); hit_rate (fraction of bars in the
-    market whose net return, fee included, is positive; 0 if never in the market); exposure
-    (fraction of bars in the market). The equity table starts at 1.0 at the first decision time,
-    then one row per bar stamped with the timestamp of the bar whose close realises its return.
-    """
-    if not (math.isfinite(fee) and 0.0 <= fee < 1.0):
-        raise ValueError(f"fee must be a fraction per trade side in [0, 1), e.g. 1.0e-3; got {fee!r}")
-    bars_per_year = periods_per_year(timeframe)
-    positions = np.asarray(signal, dtype=np.int64)
-    if not np.isin(positions, (0, 1)).all():
-        raise ValueError("signal must be 0 (flat) or 1 (long) on every row")
-    start = _close_positions(pd.DatetimeIndex(signal.index), close)
-    kept = start + 1 < len(close)  # only the last row can lack a next bar
-    start, positions = start[kept], positions[kept]
-    if len(start) == 0:
-        raise ValueError(f"no holdout row has a next bar in close (it ends at {close.index[-1]}): nothing to backtest")
-    prices = close.to_numpy(dtype=np.float64)
-    bar_returns = prices[start + 1] / prices[start] - 1.0
-    strategy, strategy_equity = _trading_figures(positions, bar_returns, fee, bars_per_year)
-    holding, holding_equity = _trading_figures(np.ones_like(positions), bar_returns, fee, bars_per_year)
-    equity = pd.DataFrame(
-        {
-            "timestamp": close.index[np.concatenate(([start[0]], start + 1))],
-            "strategy": np.concatenate(([1.0], strategy_equity)),
-            "buy_and_hold": np.concatenate(([1.0], holding_equity)),
-        }
-    )
-    metrics = {
-        "bars": len(start),
-        "fee": fee,
-        "periods_per_year": bars_per_year,
-        "strategy": strategy,
-        "buy_and_hold": holding,
-    }
-    return Backtest(metrics=metrics, equity=equity)
-
-
 # --- plot tables --------------------------------------------------------------------------------
 
 
@@ -286,6 +184,12 @@ def _thinned(frame: pd.DataFrame, max_points: int) -> pd.DataFrame:
 
 def _long_table(parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([part.assign(model=name) for name, part in parts.items()], ignore_index=True)
+
+
+def _with_reference(table: pd.DataFrame, **line: list[float]) -> pd.DataFrame:
+    """The curves plus the line they are read against, as the series REFERENCE: chance on ROC (the diagonal), the
+    base rate on precision-recall (a random ranking), perfect calibration."""
+    return pd.concat([table, pd.DataFrame(line).assign(model=REFERENCE)], ignore_index=True)
 
 
 def roc_table(y_true: np.ndarray, probabilities: Mapping[str, np.ndarray], max_points: int = MAX_CURVE_POINTS) -> pd.DataFrame:
@@ -335,14 +239,26 @@ def importance_table(importances: Mapping[str, np.ndarray]) -> pd.DataFrame:
 
 @dataclass(frozen=True, eq=False)
 class EvaluationResult:
-    """`metrics`: the content of metrics/evaluate.json (rounded, finite, JSON-ready);
-    `plots`: one table per PLOT_NAMES entry, for the plot CSVs."""
+    """`report`: every figure (metrics/evaluation_report.json; rounded, finite, JSON-ready); `metrics`: its HEADLINE
+    (metrics/evaluate.json); `plots`: one table per PLOT_NAMES entry, for the plot CSVs."""
 
+    report: dict[str, Any]
     metrics: dict[str, Any]
     plots: dict[str, pd.DataFrame]
 
 
 POLICY, FROZEN = "policy", "frozen"
+
+
+def headline(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The HEADLINE figures of a report, nested as in the report."""
+    metrics: dict[str, Any] = {}
+    for dotted, keys in HEADLINE.items():
+        source, target = report, metrics
+        for part in dotted.split("."):
+            source, target = source[part], target.setdefault(part, {})
+        target.update({key: source[key] for key in keys})
+    return metrics
 
 
 def _per_step(record: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
@@ -375,24 +291,77 @@ def _spread(values: pd.Series) -> dict[str, float]:
     return {"min": float(defined.min()), "median": float(defined.median()), "max": float(defined.max())}
 
 
+@dataclass(frozen=True, eq=False)
+class Economics:
+    """The backtest's figures per strategy, the equity and drawdown tables, and each step's after-cost returns."""
+
+    figures: dict[str, Any]
+    equity: pd.DataFrame
+    drawdown: pd.DataFrame
+    steps: pd.DataFrame
+
+
+def strategy_positions(scored: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The position after each scored row of every strategy in STRATEGIES."""
+    missing = [column for column in ("position", "frozen_position") if column not in scored.columns]
+    if missing:
+        raise ValueError(f"the out-of-sample record lacks {missing}: it was stored before trading rules; run the train stage again")
+    return {
+        "rule": scored["position"].to_numpy(dtype=np.int64),
+        "naive": (scored["p_up"].to_numpy() >= scored["threshold"].to_numpy()).astype(np.int64),
+        "frozen": scored["frozen_position"].to_numpy(dtype=np.int64),
+        "buy_and_hold": np.ones(len(scored), dtype=np.int64),
+    }
+
+
+def economics(scored: pd.DataFrame, close: pd.Series, *, cost: float, timeframe: pd.Timedelta) -> Economics:
+    """After-cost figures of every strategy on the scored rows that have a next bar in `close` (all but possibly the
+    last one), with the rule's Sharpe interval and probabilistic Sharpe ratio; see cryptoml.model.backtest."""
+    bars_per_year = periods_per_year(timeframe)
+    index = pd.DatetimeIndex(scored["timestamp"])
+    returns = next_bar_returns(index, close)
+    kept = np.isfinite(returns)
+    if not kept.any():
+        raise ValueError(f"no evaluated row has a next bar in close (it ends at {close.index[-1]}): nothing to backtest")
+    paths = {name: path_figures(positions[kept], returns[kept], cost, bars_per_year) for name, positions in strategy_positions(scored).items()}
+    figures: dict[str, Any] = {
+        "bars": int(kept.sum()),
+        "cost_per_side": cost,
+        "periods_per_year": bars_per_year,
+        **{name: dict(path.figures) for name, path in paths.items()},
+    }
+    figures["rule"].update(uncertainty(paths["rule"].net, bars_per_year))
+    # Equity from 1.0 at the first decision, then one row per bar, stamped with the close time that realises it.
+    positions_in_close = close_positions(index[kept], close)
+    stamps = close.index[np.concatenate(([positions_in_close[0]], positions_in_close + 1))]
+    equity = pd.DataFrame({"timestamp": stamps, **{name: np.concatenate(([1.0], path.equity)) for name, path in paths.items()}})
+    drawdowns = equity.assign(**{name: drawdown(equity[name].to_numpy()) for name in STRATEGIES})
+    step_of_row = scored["step"].to_numpy()[kept]
+    per_step = pd.DataFrame({"step": step_of_row, **{f"{name}_return": np.log1p(path.net) for name, path in paths.items()}})
+    step_returns = np.expm1(per_step.groupby("step", sort=True).sum())
+    rule_columns = scored.groupby("step", sort=True)[["entry", "exit", "min_hold"]].first()
+    return Economics(figures=figures, equity=equity, drawdown=drawdowns, steps=rule_columns.join(step_returns).reset_index())
+
+
 def evaluate_walk_forward(
     record: pd.DataFrame,
     labels: pd.Series,
     close: pd.Series,
     importances: Mapping[str, np.ndarray],
     *,
-    fee: float,
+    cost: float,
     timeframe: pd.Timedelta,
     horizon: int,
     label_threshold: float,
 ) -> EvaluationResult:
-    """Score the retrain policy, the frozen model, the components and the baselines on the evaluation span.
+    """Score the retrain policy, the frozen model, the components and the baselines on the evaluation span, and
+    backtest the strategies after costs.
 
-    `record` is the out-of-sample record of training.run_training (training.OOS_COLUMNS); only its
-    scored rows count. Every figure is computed on the same rows: the policy at each step's own
-    threshold (chosen before the step), the frozen model and the baselines likewise at the first
-    step's, the components at the policy's. `labels` are the current labels, `close` the candles'
-    close prices, `importances` the production model's feature importances.
+    `record` is the out-of-sample record of training.run_training (training.OOS_COLUMNS and RULE_COLUMNS); only
+    its scored rows count. Every figure is computed on the same rows: the policy at each step's own threshold
+    (chosen before the step), the frozen model and the baselines likewise at the first step's, the components at
+    the policy's. `labels` are the current labels, `close` the candles' close prices, `importances` the production
+    model's feature importances, `cost` the cost of one trade side.
     """
     scored = record[record["scored"].astype(bool)].reset_index(drop=True)
     if scored.empty:
@@ -417,10 +386,9 @@ def evaluate_walk_forward(
     for name, figures in metrics_by_model.items():
         figures["log_loss_vs_prior"] = figures["log_loss"] / baseline_metrics["class_prior"]["log_loss"]
         figures["brier_vs_prior"] = figures["brier"] / baseline_metrics["class_prior"]["brier"]
-    signals = {name: (proba >= thresholds[name]).astype(np.int64) for name, proba in models.items()}
-    trading = {name: backtest(pd.Series(signal, index=index), close, fee=fee, timeframe=timeframe) for name, signal in signals.items()}
-    steps = _per_step(scored, y)
-    metrics = {
+    trading = economics(scored, close, cost=cost, timeframe=timeframe)
+    steps = _per_step(scored, y).merge(trading.steps, on="step", how="left")
+    report = {
         "span": {
             "rows": len(y),
             "start": index[0].isoformat(),
@@ -433,27 +401,25 @@ def evaluate_walk_forward(
         **metrics_by_model,
         "components": {name: classification_metrics(y, proba, step_thresholds) for name, proba in components.items()},
         "baselines": baseline_metrics,
-        "backtest": {
-            **{key: trading[POLICY].metrics[key] for key in ("bars", "fee", "periods_per_year")},
-            **{name: result.metrics["strategy"] for name, result in trading.items()},
-            "buy_and_hold": trading[POLICY].metrics["buy_and_hold"],
-        },
+        "backtest": trading.figures,
         "steps": {
             "policy_roc_auc": _spread(steps[f"{POLICY}_roc_auc"]),
             "policy_log_loss_ratio": _spread(steps[f"{POLICY}_log_loss_ratio"]),
             "policy_beats_frozen": int((steps[f"{POLICY}_roc_auc"] > steps[f"{FROZEN}_roc_auc"]).sum()),
+            "rule_positive_steps": int((steps["rule_return"] > 0.0).sum()),
         },
     }
     curves = {**models, **components}
-    equity = trading[POLICY].equity.rename(columns={"strategy": POLICY})
-    equity.insert(2, FROZEN, trading[FROZEN].equity["strategy"].to_numpy())
+    base_rate = float(y.mean())
     plots = {
-        "roc": roc_table(y, curves),
-        "precision_recall": precision_recall_table(y, curves),
-        "calibration": calibration_table(y, curves),
-        "confusion": pd.DataFrame({"actual": y, "predicted": signals[POLICY]}),
+        "roc": _with_reference(roc_table(y, curves), fpr=[0.0, 1.0], tpr=[0.0, 1.0]),
+        "precision_recall": _with_reference(precision_recall_table(y, curves), recall=[0.0, 1.0], precision=[base_rate, base_rate]),
+        "calibration": _with_reference(calibration_table(y, curves), mean_predicted=[0.0, 1.0], fraction_positive=[0.0, 1.0]),
+        "confusion": pd.DataFrame({"actual": y, "predicted": (models[POLICY] >= step_thresholds).astype(np.int64)}),
         "feature_importance": importance_table(importances),
-        "equity": equity,
-        "walk_forward": steps,
+        "equity": trading.equity,
+        "drawdown": trading.drawdown,
+        "walk_forward": steps.assign(**{f"{REFERENCE}_roc_auc": 0.5, f"{REFERENCE}_log_loss_ratio": 1.0}),
     }
-    return EvaluationResult(metrics=rounded_json(metrics), plots=plots)
+    rounded = rounded_json(report)
+    return EvaluationResult(report=rounded, metrics=headline(rounded), plots=plots)

@@ -37,7 +37,10 @@ from cryptoml.io import METRICS_DECIMALS, rounded_json
 from cryptoml.model.drift import feature_reference
 from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.model.executor import ExecutorSettings, TransferStats, run_tasks
+from cryptoml.model.backtest import next_bar_returns
 from cryptoml.model.labels import Holdout, Step, build_dataset, walk_forward_steps
+from cryptoml.model.rule import TradingRule
+from cryptoml.model.trading import Costs, RuleGrid, choose_rules, rule_positions
 
 ENSEMBLE = "ensemble"
 
@@ -161,6 +164,10 @@ def fit_and_predict(data: FitData, task: FitTask) -> FitResult:
 OOS_COLUMNS: tuple[str, ...] = (
     "timestamp", "step", "scored", "threshold", "prior", "p_up", "lightgbm", "xgboost", "random_forest", "frozen_p_up",
 )
+# The trading rule of each scored row's step (chosen on earlier rows; empty for a flat rule and on warm-up rows),
+# the position the walk-forward rule holds after the row, and the frozen model's with its own walk-forward rule. Records
+# stored before trading rules existed lack them: they still load, and are compared on P(up) only.
+RULE_COLUMNS: tuple[str, ...] = ("entry", "exit", "min_hold", "position", "frozen_position")
 
 
 def record_to_csv(record: pd.DataFrame) -> bytes:
@@ -176,6 +183,9 @@ def record_from_csv(data: bytes, source: str) -> pd.DataFrame:
     try:
         record = pd.read_csv(io.BytesIO(data))
         missing = [column for column in OOS_COLUMNS if column not in record.columns]
+        partial = [column for column in RULE_COLUMNS if column not in record.columns]
+        if partial and len(partial) < len(RULE_COLUMNS):
+            missing += partial
         if missing:
             raise ValueError(f"missing columns {missing}")
         record["timestamp"] = pd.to_datetime(record["timestamp"], utc=True, format="ISO8601")
@@ -196,10 +206,31 @@ def step_threshold(step: Step, first: int, labels: np.ndarray, p_up: np.ndarray,
     return choose_threshold(labels[first:known], p_up[: known - first])
 
 
+@dataclass(frozen=True)
+class RuleSettings:
+    """How the trading rule is chosen: the costs it pays and the P(up) grid of its thresholds."""
+
+    costs: Costs
+    grid: RuleGrid
+
+
 def out_of_sample_record(
-    index: pd.DatetimeIndex, y: np.ndarray, steps: Sequence[Step], results: Sequence[FitResult], horizon: int
-) -> pd.DataFrame:
-    """Pool the steps' predictions into the record (OOS_COLUMNS), choosing each scored step's threshold on the way."""
+    index: pd.DatetimeIndex,
+    y: np.ndarray,
+    bar_returns: np.ndarray,
+    steps: Sequence[Step],
+    results: Sequence[FitResult],
+    horizon: int,
+    rules: RuleSettings,
+) -> tuple[pd.DataFrame, list[TradingRule]]:
+    """Pool the steps' predictions into the record (OOS_COLUMNS, RULE_COLUMNS), choosing each scored step's
+    threshold and trading rule on the way; also return the scored steps' rules.
+
+    `bar_returns` holds each row's next-bar return. A step's rule is chosen on the record's rows before it whose
+    return is known when it starts (cryptoml.model.trading), then trades the step's rows; the position carries over
+    from one step to the next. The frozen model's rule is chosen the same way on its own record: the warm-up rows,
+    then its own P(up) from the span's start, so policy and frozen differ only in retraining the model.
+    """
     first, stop = steps[0].start, steps[-1].stop
     n_rows = stop - first
     columns: dict[str, np.ndarray] = {
@@ -209,6 +240,9 @@ def out_of_sample_record(
         "prior": np.zeros(n_rows),
         "frozen_p_up": np.full(n_rows, np.nan),
         **{name: np.zeros(n_rows) for name in ("p_up", *(name for name in results[0].proba if name != ENSEMBLE))},
+        "entry": np.full(n_rows, np.nan),
+        "exit": np.full(n_rows, np.nan),
+        "min_hold": np.zeros(n_rows, dtype=np.int64),
     }
     frozen_step = next(step for step in steps if step.scored)
     for step, result in zip(steps, results, strict=True):
@@ -225,8 +259,29 @@ def out_of_sample_record(
             columns["threshold"][rows] = step_threshold(step, first, y, columns["p_up"], horizon)
         if step is frozen_step:
             columns["frozen_p_up"][step.start - first :] = result.proba[ENSEMBLE]
+    scored = [step for step in steps if step.scored]
+    returns = bar_returns[first:stop]
+    step_rules, columns["position"] = walk_forward_rule(columns["p_up"], returns, scored, first, rules)
+    for rule, step in zip(step_rules, scored, strict=True):
+        rows = slice(step.start - first, step.stop - first)
+        columns["entry"][rows] = np.nan if rule.entry is None else rule.entry
+        columns["exit"][rows] = np.nan if rule.exit is None else rule.exit
+        columns["min_hold"][rows] = rule.min_hold
+    frozen_record = np.where(np.isnan(columns["frozen_p_up"]), columns["p_up"], columns["frozen_p_up"])
+    _, columns["frozen_position"] = walk_forward_rule(frozen_record, returns, scored, first, rules)
     record = pd.DataFrame({"timestamp": index[first:stop], **columns})
-    return record[list(OOS_COLUMNS)]
+    return record[[*OOS_COLUMNS, *RULE_COLUMNS]], step_rules
+
+
+def walk_forward_rule(
+    p_up: np.ndarray, bar_returns: np.ndarray, scored: Sequence[Step], first: int, rules: RuleSettings
+) -> tuple[list[TradingRule], np.ndarray]:
+    """Each scored step's trading rule, chosen on the record's rows whose next-bar return is known when the step
+    starts, and the positions the rules hold step after step. `p_up` and `bar_returns` are the record's rows, which
+    start at dataset row `first`."""
+    known = [step.start - 1 - first for step in scored]
+    step_rules = choose_rules(p_up, bar_returns, rules.costs.per_side, rules.grid, known)
+    return step_rules, rule_positions(p_up, step_rules, [(step.start - first, step.stop - first) for step in scored])
 
 
 @dataclass(frozen=True)
@@ -240,6 +295,7 @@ class TrainingSettings:
     every: pd.Timedelta
     warmup_steps: int
     fit: FitSettings
+    rules: RuleSettings
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,6 +306,7 @@ class TrainingResult:
     ensemble: ProductionEnsemble
     steps: list[Step]
     record: pd.DataFrame
+    step_rules: list[TradingRule]  # the rule each scored step traded, chosen before it
     step_fingerprints: list[str]
     feature_names: tuple[str, ...]
     train_index: pd.DatetimeIndex
@@ -263,9 +320,10 @@ class TrainingResult:
         return float(self.ensemble.decision_threshold)
 
     def step_summaries(self) -> list[dict[str, Any]]:
-        """Each walk-forward step: its rows, its training rows and the fingerprint of its model."""
+        """Each walk-forward step: its rows, its training rows, the fingerprint of its model and its trading rule."""
         index = self.record["timestamp"]
         first = self.steps[0].start
+        rules = iter(self.step_rules)
         return [
             {
                 "step": step.number,
@@ -276,6 +334,7 @@ class TrainingResult:
                 "train_rows": step.train_stop,
                 "train_end": self.train_index[step.train_stop - 1].isoformat(),
                 "model_fingerprint": fingerprint,
+                "trading_rule": next(rules).as_json() if step.scored else None,
             }
             for step, fingerprint in zip(self.steps, self.step_fingerprints, strict=True)
         ]
@@ -288,6 +347,7 @@ def build_train_metrics(result: TrainingResult) -> dict[str, Any]:
     return rounded_json(
         {
             "decision_threshold": result.decision_threshold,
+            "trading_rule": result.ensemble.rule.as_json(),
             "samples": {
                 "labelled": len(result.train_index),
                 "train": len(result.train_index),
@@ -331,17 +391,22 @@ def run_training(features: pd.DataFrame, close: pd.Series, cfg: TrainingSettings
     steps, data, tasks = plan_fits(X, y, cfg)
     run = run_tasks(fit_and_predict, data, tasks, executor, description="model fits")
     results = run.results
-    record = out_of_sample_record(X.index, data.y, steps, results[:-1], cfg.horizon)
+    bar_returns = next_bar_returns(X.index, close)
+    record, step_rules = out_of_sample_record(X.index, data.y, bar_returns, steps, results[:-1], cfg.horizon, cfg.rules)
     production = results[-1].model
     assert production is not None  # keep_model=True
-    # Every out-of-sample label is known at data.end: production's threshold uses them all, as a next step would.
+    # Every out-of-sample label and next-bar return is known at data.end: production's threshold and trading rule
+    # are chosen on them all, as a next step's would be.
     positions = X.index.get_indexer(record["timestamp"])
-    production.set_params(decision_threshold=choose_threshold(data.y[positions], record["p_up"].to_numpy()))
+    p_up = record["p_up"].to_numpy()
+    (rule,) = choose_rules(p_up, bar_returns[positions], cfg.rules.costs.per_side, cfg.rules.grid, [len(record)])
+    production.set_params(decision_threshold=choose_threshold(data.y[positions], p_up), trading_rule=rule)
     return TrainingResult(
         settings=cfg,
         ensemble=production,
         steps=steps,
         record=record,
+        step_rules=step_rules,
         step_fingerprints=[fit.fingerprint for fit in results[:-1]],
         feature_names=tuple(X.columns),
         train_index=X.index,
@@ -363,7 +428,8 @@ def _describe_validation(cfg: TrainingSettings, steps: Sequence[Step]) -> str:
         f"walk-forward replay of the retrain policy: {scored} steps of retrain.every={duration_text(cfg.every)} over the evaluation span "
         f"(split.holdout={cfg.holdout}) after {len(steps) - scored} warm-up step(s); each step fitted on every earlier row "
         f"but a purge gap of {cfg.horizon + cfg.embargo} rows (label horizon {cfg.horizon} + embargo {cfg.embargo}), "
-        "with a decision threshold chosen on earlier out-of-sample predictions; production fitted on every labelled row"
+        "with a decision threshold and a trading rule chosen on earlier out-of-sample predictions (the rule on their "
+        f"after-cost log growth at {cfg.rules.costs.per_side:g} per side); production fitted on every labelled row"
     )
 
 
@@ -392,6 +458,12 @@ def build_training_metadata(
             "individual_models": [name for name in result.ensemble.weights_],
             "model_weights": dict(result.ensemble.weights_),
             "decision_threshold": result.decision_threshold,
+            "trading_rule": {
+                **result.ensemble.rule.as_json(),
+                "description": result.ensemble.rule.describe(),
+                "chosen_on": "the whole out-of-sample record: highest after-cost log growth over the grid, flat if none grew",
+                "costs": {"fee": result.settings.rules.costs.fee, "slippage": result.settings.rules.costs.slippage},
+            },
             "training_info": {
                 "samples_count": len(result.train_index),
                 "positive_rate": result.train_positive_rate,

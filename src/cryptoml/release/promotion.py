@@ -9,6 +9,17 @@ baseline's. The absolute checks therefore ask of the policy's pooled predictions
 the class_prior baseline's), which no baseline can show, with log loss at most 1% above the prior's
 as a guard against over-confident probabilities; F1 and MCC floors are optional.
 
+Economic checks judge the trading rule the way the bot trades it, after costs: the walk-forward rule's
+record over the evaluation span (each step traded with the rule chosen before it) must not have lost
+money (gate.min_rule_return) and must make a positive true Sharpe ratio at least as likely as not
+(gate.min_rule_psr, the probabilistic Sharpe ratio). They decide whether the bot trades, not which model
+it serves: a challenger that passes the statistical checks but fails a floor is promoted with the flat
+rule (`Decision.flat_rule`; `with_trading_rule` rewrites its manifest), because its record, which holds
+the latest weeks, says that trading the signal no longer pays, and keeping the champion would keep
+trading it. A challenger whose own rule is already flat has nothing to check. A rejection (a statistical
+check failed, or the stored positions earned less than the champion's on the shared rows) keeps the
+champion and its rule (docs/evaluation.md: "What the gate's outcomes mean for the bot").
+
 Champion comparison (`compare_with_champion`): each production model keeps its own out-of-sample
 record, hashed in its manifest. The challenger's record and the champion's are compared on the rows
 both predicted, against today's labels; the champion is never asked to predict, since it was trained
@@ -16,8 +27,11 @@ on most of those rows. Step boundaries are anchored to the calendar, so a data-o
 (same code and params, data.end one week later) reproduces the champion's predictions on the shared
 steps exactly: the comparison then shows no difference and the absolute checks, which include the
 new week, decide. A change of code or params gives a paired comparison of two procedures on the
-same rows and the same labels. Fewer than gate.champion_min_shared_rows shared rows (a new market or
-data window, or a champion saved before records existed) skip the comparison, with a note.
+same rows and the same labels. The after-cost return of both records' stored positions on the shared
+rows is compared too (gate.champion_return_tolerance); a champion whose record stores no positions
+(saved before trading rules) is compared on P(up) only. Fewer than gate.champion_min_shared_rows shared
+rows (a new market or data window, or a champion saved before records existed) skip the comparison,
+with a note.
 
 Promotion (`promote`) into a directory that a trading bot may be loading at the same moment:
 
@@ -46,10 +60,11 @@ import math
 import operator
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cryptoml.config import GateParams
@@ -57,13 +72,16 @@ from cryptoml.io import dump_json, rounded_json, write_bytes_atomic
 from cryptoml.model.artifacts import (
     MANIFEST_NAME,
     ArtifactError,
+    Manifest,
     ModelArtifacts,
     listed_component_files,
     prune_components,
     read_artifacts,
 )
+from cryptoml.model.backtest import next_bar_returns, path_figures, periods_per_year
 from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.model.evaluation import classification_metrics
+from cryptoml.model.rule import TradingRule
 
 METADATA_NAME = "production_model_metadata.json"
 # Digits kept in metrics/promotion.json: far finer than any gate limit, stable across platforms.
@@ -90,25 +108,54 @@ class Check:
 
 @dataclass(frozen=True)
 class ChampionComparison:
-    """Challenger and champion scored on the rows both have stored out-of-sample predictions for."""
+    """Challenger and champion scored on the rows both have stored out-of-sample predictions for.
+
+    `after_cost_return` is in both score dicts when both records store positions (`economic_rows` of them had a
+    next bar to earn), else in neither.
+    """
 
     rows: int
     start: str
     end: str
     challenger: dict[str, float]
     champion: dict[str, float]
+    economic_rows: int = 0
+
+
+@dataclass(frozen=True)
+class RuleRecord:
+    """What the economic checks read: the walk-forward rule's after-cost figures over the evaluation span
+    (metrics/evaluation_report.json backtest.rule), and whether the challenger's production rule trades."""
+
+    total_return: float
+    psr: float
+    production_rule_trades: bool
 
 
 # Scores of the comparison: they judge P(up) itself, so no decision threshold is involved.
 _COMPARED_METRICS = ("roc_auc", "log_loss", "brier")
 
 
-def compare_with_champion(
-    challenger: pd.DataFrame, champion: pd.DataFrame, labels: pd.Series, min_shared_rows: int
-) -> tuple[ChampionComparison | None, str | None]:
-    """Score both out-of-sample records (timestamp, p_up) on their shared labelled rows; or say why not.
+def _positions_return(record: pd.DataFrame, shared: pd.DatetimeIndex, bar_returns: np.ndarray, cost: float, bars_per_year: float) -> float:
+    """After-cost return of a record's stored positions over the shared rows, entered from flat at the first one."""
+    positions = record.set_index("timestamp")["position"].loc[shared].to_numpy(dtype=np.int64)
+    return path_figures(positions, bar_returns, cost, bars_per_year).figures["total_return"]
 
-    Returns (comparison, None), or (None, the reason) when fewer than `min_shared_rows` rows are shared.
+
+def compare_with_champion(
+    challenger: pd.DataFrame,
+    champion: pd.DataFrame,
+    labels: pd.Series,
+    min_shared_rows: int,
+    *,
+    close: pd.Series,
+    cost: float,
+    timeframe: pd.Timedelta,
+) -> tuple[ChampionComparison | None, str | None]:
+    """Score both out-of-sample records (timestamp, p_up, position) on their shared labelled rows; or say why not.
+
+    Returns (comparison, None), or (None, the reason) when fewer than `min_shared_rows` rows are shared. The
+    after-cost returns use `close` for the next-bar returns and `cost` per side, the same for both records.
     """
     shared = pd.DatetimeIndex(challenger["timestamp"]).intersection(pd.DatetimeIndex(champion["timestamp"]))
     shared = shared.intersection(labels.dropna().index)
@@ -118,14 +165,25 @@ def compare_with_champion(
             f"fewer than gate.champion_min_shared_rows={min_shared_rows}"
         )
     y = labels.loc[shared].to_numpy()
+    with_positions = all("position" in record.columns for record in (challenger, champion))
+    bar_returns = next_bar_returns(shared, close)
+    earning = shared[np.isfinite(bar_returns)]
 
     def scores(record: pd.DataFrame) -> dict[str, float]:
         p_up = record.set_index("timestamp")["p_up"].loc[shared].to_numpy()
+        figures = {key: value for key, value in classification_metrics(y, p_up, 0.5).items() if key in _COMPARED_METRICS}
+        if with_positions:
+            figures["after_cost_return"] = _positions_return(record, earning, bar_returns[np.isfinite(bar_returns)], cost, periods_per_year(timeframe))
         # Rounded like metrics/evaluate.json, so challenger and champion are compared at the same precision.
-        return rounded_json({key: value for key, value in classification_metrics(y, p_up, 0.5).items() if key in _COMPARED_METRICS})
+        return rounded_json(figures)
 
     comparison = ChampionComparison(
-        rows=len(shared), start=shared[0].isoformat(), end=shared[-1].isoformat(), challenger=scores(challenger), champion=scores(champion)
+        rows=len(shared),
+        start=shared[0].isoformat(),
+        end=shared[-1].isoformat(),
+        challenger=scores(challenger),
+        champion=scores(champion),
+        economic_rows=len(earning) if with_positions else 0,
     )
     return comparison, None
 
@@ -142,11 +200,13 @@ class Decision:
     champion_sha256: str | None = None
     champion_note: str | None = None
     champion_comparison: ChampionComparison | None = None
+    flat_rule: bool = False  # promoted with the flat rule: an economic floor failed, the statistical checks passed
 
     def as_json(self) -> dict[str, Any]:
         """The record for metrics/promotion.json: plain JSON, floats rounded, no NaN."""
         return {
             "decision": "promoted" if self.promote else "rejected",
+            "trading": None if not self.promote else "flat" if self.flat_rule else "its rule",
             "challenger_sha256": self.challenger_sha256,
             "champion_sha256": self.champion_sha256,
             "champion_note": self.champion_note,
@@ -235,6 +295,39 @@ def _champion_checks(comparison: ChampionComparison, settings: GateParams) -> li
     ]
 
 
+def _champion_return_check(comparison: ChampionComparison, settings: GateParams) -> list[Check]:
+    """The after-cost return of the stored positions on the shared rows; none when a record stores no positions."""
+    if "after_cost_return" not in comparison.champion or "after_cost_return" not in comparison.challenger:
+        return []
+    champion_return = _metric(comparison.champion, "after_cost_return", "champion")
+    return [
+        _check(
+            "champion_return",
+            f"after-cost return of the stored positions on the {comparison.economic_rows} shared rows vs the champion's "
+            f"{champion_return:.4f} - gate.champion_return_tolerance",
+            _metric(comparison.challenger, "after_cost_return", "challenger"),
+            ">=",
+            champion_return - settings.champion_return_tolerance,
+        )
+    ]
+
+
+def _economic_checks(rule: RuleRecord, settings: GateParams) -> list[Check]:
+    """The walk-forward rule's floors (none when the production rule stays flat: it has nothing to lose)."""
+    if not rule.production_rule_trades:
+        return []
+    checks = []
+    if settings.min_rule_return is not None:
+        checks.append(
+            _check("min_rule_return", "after-cost return of the walk-forward rule vs gate.min_rule_return", rule.total_return, ">=", settings.min_rule_return)
+        )
+    if settings.min_rule_psr is not None:
+        checks.append(
+            _check("min_rule_psr", "probabilistic Sharpe ratio (P(true Sharpe > 0)) of the walk-forward rule vs gate.min_rule_psr", rule.psr, ">=", settings.min_rule_psr)
+        )
+    return checks
+
+
 def decide(
     challenger: Mapping[str, float],
     baselines: Mapping[str, Mapping[str, float]],
@@ -244,22 +337,37 @@ def decide(
     challenger_sha256: str | None = None,
     champion_sha256: str | None = None,
     champion_note: str | None = None,
+    rule: RuleRecord,
 ) -> Decision:
-    """Promote when every check passes; the champion checks apply only when there is a comparison.
+    """Promote when every check passes; with the flat rule when only an economic floor fails; else reject.
 
-    `challenger` and `baselines` are the policy's pooled out-of-sample metrics (metrics/evaluate.json).
+    `challenger` and `baselines` are the policy's pooled out-of-sample metrics (metrics/evaluation_report.json).
     `comparison` is None on the first run and when the champion cannot be compared (say why in
-    `champion_note`); the absolute checks then decide alone.
+    `champion_note`); the absolute checks then decide alone. `rule` is the walk-forward rule's record for the
+    economic floors. The champion's after-cost return is compared only when the promoted rule would trade.
     """
-    checks = _absolute_checks(challenger, baselines, settings)
+    statistical = _absolute_checks(challenger, baselines, settings)
     if comparison is not None:
-        checks += _champion_checks(comparison, settings)
+        statistical += _champion_checks(comparison, settings)
+    economic = _economic_checks(rule, settings)
+    flat_rule = all(check.passed for check in statistical) and not all(check.passed for check in economic)
+    checks = statistical + economic
+    if comparison is not None and not flat_rule:
+        checks += _champion_return_check(comparison, settings)
     failed = [check.message for check in checks if not check.passed]
     reasons = failed or [check.message for check in checks]
+    if flat_rule:
+        reasons.append(
+            "promoted with the flat rule: the statistical checks passed, but trading the signal did not pay after costs "
+            "out of sample, so the bot holds no position until a later model's rule does"
+        )
+    elif not rule.production_rule_trades:
+        reasons.append("the challenger's trading rule stays flat, so the economic floors do not apply: the bot will hold no position")
     if comparison is None and not failed:
         reasons.append(f"no champion to compare with ({champion_note or 'first promotion'}): the absolute checks decide")
     return Decision(
-        promote=not failed,
+        promote=flat_rule or not failed,
+        flat_rule=flat_rule,
         checks=checks,
         reasons=reasons,
         settings=settings,
@@ -293,12 +401,24 @@ def _metadata_bytes(metadata: Mapping[str, Any], model_sha256: str, training_dir
         raise PromotionError(f"metadata must be plain JSON data (str, finite numbers, bool, None, lists, dicts): {exc}") from None
 
 
-def promote(training_dir: Path, production_dir: Path, metadata: Mapping[str, Any]) -> str:
+def with_trading_rule(artifacts: ModelArtifacts, rule: TradingRule) -> ModelArtifacts:
+    """The same model files under a manifest whose trading rule is `rule`: a new model hash, since the rule is part
+    of the model. Only formats that hold a rule can take one."""
+    manifest = Manifest.parse(artifacts.manifest)
+    if manifest.model.trading_rule is None:
+        raise PromotionError(f"a {manifest.format} manifest holds no trading rule to replace")
+    model = replace(manifest.model, trading_rule=rule.as_json())
+    rewritten = replace(manifest, model=model, model_sha256=model.sha256())
+    return replace(artifacts, manifest=dump_json(rewritten.as_json()).encode(), model_sha256=rewritten.model_sha256)
+
+
+def promote(training_dir: Path, production_dir: Path, metadata: Mapping[str, Any], trading_rule: TradingRule | None = None) -> str:
     """Make the model in `training_dir` the production model (steps in the module docstring); return its hash.
 
-    Re-promoting the model production already lists keeps every component file present, so the
-    directory is byte-identical after a repeat with the same metadata (and after a promotion killed
-    during its clean-up, the older files its re-run keeps go at the next promotion).
+    With `trading_rule`, the model is promoted with that rule instead of its own (with_trading_rule), so its hash
+    is the rewritten manifest's. Re-promoting the model production already lists keeps every component file
+    present, so the directory is byte-identical after a repeat with the same metadata (and after a promotion
+    killed during its clean-up, the older files its re-run keeps go at the next promotion).
     """
     training_dir, production_dir = Path(training_dir), Path(production_dir)
     try:
@@ -308,6 +428,8 @@ def promote(training_dir: Path, production_dir: Path, metadata: Mapping[str, Any
         raise PromotionError(f"the challenger cannot be promoted: {exc}") from exc
     if artifacts.model_sha256 != loaded_sha256:
         raise PromotionError(f"{training_dir} changed while it was being promoted ({loaded_sha256} then {artifacts.model_sha256})")
+    if trading_rule is not None:
+        artifacts = with_trading_rule(artifacts, trading_rule)
     metadata_bytes = _metadata_bytes(metadata, artifacts.model_sha256, training_dir)
 
     install_model(production_dir, artifacts, metadata_bytes)

@@ -152,10 +152,11 @@ def _bullets(lines: Sequence[str]) -> str:
 
 # The out-of-sample figures a reviewer reads first; every metric follows in a collapsed table.
 HEADLINE_METRICS: tuple[tuple[str, ...], ...] = (
-    *(("policy", name) for name in ("roc_auc", "pr_auc", "log_loss", "log_loss_vs_prior", "brier", "mcc", "f1")),
+    *(("policy", name) for name in ("roc_auc", "log_loss_vs_prior", "brier_vs_prior")),
     ("frozen", "roc_auc"),
-    ("backtest", "policy", "total_return"),
-    ("backtest", "policy", "sharpe"),
+    *(("backtest", "rule", name) for name in ("total_return", "sharpe", "psr", "max_drawdown")),
+    ("backtest", "naive", "total_return"),
+    ("backtest", "buy_and_hold", "total_return"),
 )
 # GitHub refuses a pull-request body longer than this.
 MAX_BODY_CHARS = 65_536
@@ -195,6 +196,7 @@ def pull_request_body(
 ) -> str:
     """The markdown a reviewer needs: what data, why the gate passed it, what changed against `base`."""
     champion = f"`{decision['champion_sha256']}`" if decision.get("champion_sha256") else "none (first production model)"
+    flat = " **with the flat rule: the bot holds no position** (its trading rule did not pay after costs)" if decision.get("trading") == "flat" else ""
     plots = f"`dvc plots diff {base}` (HTML): the `retrain-report` artifact of [the run]({run})" if run else (
         f"run `dvc pull && dvc plots diff {base}` on this branch"
     )
@@ -203,7 +205,7 @@ def pull_request_body(
         sections = [
             f"## Retrain on data until {utc_iso(data.end)}",
             f"**Data window:** {describe_window(data, data_metrics)}",
-            f"**Decision:** promoted `{decision['challenger_sha256']}`; champion it replaces: {champion}",
+            f"**Decision:** promoted `{decision['challenger_sha256']}`{flat}; champion it replaces: {champion}",
             f"### Quality gate (the champion compared through its stored out-of-sample predictions)\n\n{_bullets(decision['reasons'])}",
             f"### Walk-forward metrics against `{base}` (each on its own evaluation span)\n\n{headline}",
             f"<details><summary>Every metric: <code>dvc metrics diff {base} --md</code></summary>\n\n{every_metric}\n\n</details>",
