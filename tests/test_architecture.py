@@ -43,6 +43,24 @@ def test_the_features_import_nothing_else_from_cryptoml() -> None:
     assert outside == dict.fromkeys(outside, set())
 
 
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level names of the modules outside cryptoml that `path` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found - {"cryptoml", "__future__"}
+
+
+def test_the_kernels_are_plain_python_over_the_spec() -> None:
+    """One definition of each indicator: the manager compiles the kernels with numba, a light process runs them."""
+    kernels = SOURCE / "cryptoml/features/kernels.py"
+    assert cryptoml_imports(kernels) == {"cryptoml.features.spec"}
+    assert third_party_imports(kernels) <= {"math", "typing", "numpy"}
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_package_imports_an_edge(package: str) -> None:
     offending = {module: names & EDGES for module, names in imports_of(package).items() if names & EDGES}
