@@ -54,11 +54,16 @@ def third_party_imports(path: Path) -> set[str]:
     return found - {"cryptoml", "__future__"}
 
 
-def test_the_kernels_are_plain_python_over_the_spec() -> None:
-    """One definition of each indicator: the manager compiles the kernels with numba, a light process runs them."""
-    kernels = SOURCE / "cryptoml/features/kernels.py"
-    assert cryptoml_imports(kernels) == {"cryptoml.features.spec"}
-    assert third_party_imports(kernels) <= {"math", "typing", "numpy"}
+@pytest.mark.parametrize(
+    ("module", "reaches"),
+    [("kernels", {"cryptoml.features.spec"}), ("state", {"cryptoml.features.kernels", "cryptoml.features.spec"})],
+)
+def test_the_kernels_and_the_bots_feature_state_import_neither_numba_nor_pandas(module: str, reaches: set[str]) -> None:
+    """One definition of each indicator: the manager compiles the kernels with numba, the bot's state runs them as
+    they are (tests/test_state.py checks what importing it loads, in a fresh interpreter)."""
+    path = SOURCE / "cryptoml" / "features" / f"{module}.py"
+    assert cryptoml_imports(path) == reaches
+    assert third_party_imports(path) & {"numba", "llvmlite", "pandas", "scipy", "sklearn", "lightgbm", "xgboost"} == set()
 
 
 @pytest.mark.parametrize("package", PACKAGES)

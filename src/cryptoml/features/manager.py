@@ -2,6 +2,7 @@
 
 The indicators are defined once, in cryptoml.features.kernels (TA-Lib's definitions, listed there); this module
 compiles those kernels with numba and runs them over every row, after checking the candles at its pandas edge.
+cryptoml.features.state runs the same kernels one candle at a time, without numba or pandas.
 
 Rows are dropped until every indicator is defined (``FeatureManager.warmup_rows``, 49 with the default parameters):
 no value is ever filled in. Each row uses only candles at or before it.
