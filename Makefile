@@ -40,6 +40,7 @@ test-faults: $(STAMP)
 
 bench: $(STAMP)
 	python bench/features.py
+	python bench/state.py
 	python bench/predict.py
 	python bench/serve.py
 	python bench/walkforward.py

@@ -43,6 +43,29 @@ def test_the_features_import_nothing_else_from_cryptoml() -> None:
     assert outside == dict.fromkeys(outside, set())
 
 
+def third_party_imports(path: Path) -> set[str]:
+    """The top-level names of the modules outside cryptoml that `path` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found - {"cryptoml", "__future__"}
+
+
+@pytest.mark.parametrize(
+    ("module", "reaches"),
+    [("kernels", {"cryptoml.features.spec"}), ("state", {"cryptoml.features.kernels", "cryptoml.features.spec"})],
+)
+def test_the_kernels_and_the_bots_feature_state_import_neither_numba_nor_pandas(module: str, reaches: set[str]) -> None:
+    """One definition of each indicator: the manager compiles the kernels with numba, the bot's state runs them as
+    they are (tests/test_state.py checks what importing it loads, in a fresh interpreter)."""
+    path = SOURCE / "cryptoml" / "features" / f"{module}.py"
+    assert cryptoml_imports(path) == reaches
+    assert third_party_imports(path) & {"numba", "llvmlite", "pandas", "scipy", "sklearn", "lightgbm", "xgboost"} == set()
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_package_imports_an_edge(package: str) -> None:
     offending = {module: names & EDGES for module, names in imports_of(package).items() if names & EDGES}

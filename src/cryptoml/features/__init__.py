@@ -1,1 +1,1 @@
-"""What the model sees: the 12 features, built by the same FeatureManager for training and live use."""
+"""What the model sees: the 12 features, defined once (kernels), computed by the same code for training and live use."""
