@@ -38,12 +38,15 @@ test-slow: $(STAMP)
 test-faults: $(STAMP)
 	pytest -m fault
 
+# After `make repro` (bench/rule.py and bench/serve.py read its outputs); the real-candle figures need ../shared/data.
 bench: $(STAMP)
 	python bench/features.py
 	python bench/state.py
 	python bench/predict.py
 	python bench/serve.py
 	python bench/walkforward.py
+	python bench/rule.py
+	if [ -d ../shared/data ]; then python bench/real_candles.py; else echo "../shared/data not found: real-candle figures skipped"; fi
 
 # CI (after setup): the S3-compatible DVC remote given by the environment (DVC_REMOTE_URL, DVC_REMOTE_ENDPOINT),
 # written to the untracked .dvc/config.local; without DVC_REMOTE_URL the remote in .dvc/config is used.

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cryptoml.model.executor import SCHEDULER_ENV
-from tests.repo import copy_repo, run, set_params, venv_environment
+from tests.repo import REPO_ROOT, copy_repo, run, set_params, venv_environment
 from tests.test_executor import local_cluster
 
 pytestmark = pytest.mark.e2e
@@ -32,7 +32,8 @@ pytestmark = pytest.mark.e2e
 # three months of synthetic candles, and the open gate lets them pass, so promote runs its full path (a swap) inside
 # each experiment. This module tests where the sweep runs, not model quality.
 SWEPT = "model.lightgbm.learning_rate"
-SWEEP = {"lr-0.05": 0.05, "lr-0.2": 0.2}  # experiment name -> value; the workspace keeps params.yaml's 0.1
+SWEEP = {"lr-0.02": 0.02, "lr-0.2": 0.2}  # experiment name -> value; neither is params.yaml's, which the workspace keeps
+WORKSPACE_VALUE = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["model"]["lightgbm"]["learning_rate"]
 JOBS = 2
 EVALUATION = "metrics/evaluate.json"
 PRODUCTION = Path("models/production")
@@ -204,7 +205,8 @@ def test_the_workspace_is_untouched(sweep: Sweep) -> None:
     assert run(["git", "status", "--porcelain"], sweep.repo).stdout == ""
     dvc_status = run(["dvc", "status"], sweep.repo, check=False)
     assert dvc_status.returncode == 0 and "up to date" in dvc_status.stdout, dvc_status.stdout
-    assert yaml.safe_load((sweep.repo / "params.yaml").read_text())["model"]["lightgbm"]["learning_rate"] == 0.1
+    assert WORKSPACE_VALUE not in SWEEP.values()
+    assert yaml.safe_load((sweep.repo / "params.yaml").read_text())["model"]["lightgbm"]["learning_rate"] == WORKSPACE_VALUE
 
 
 def metrics_of(sweep: Sweep, name: str, metrics: str) -> dict[str, Any]:
