@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from tests.faults import LEDGER
 from tests.repo import reproduce_once
@@ -21,9 +21,12 @@ os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
 # Hypothesis profiles, chosen by HYPOTHESIS_PROFILE. "ci" (make test, CI) is derandomized: a run's examples depend
 # only on the code, so a test that passed on a commit passes on every run of it. "random" draws new examples each run
 # and "thorough" 2,000 of them per test, to explore (make test-hypothesis); a failure found there becomes an @example.
-settings.register_profile("ci", derandomize=True, deadline=None, database=None, print_blob=True)
-settings.register_profile("random", deadline=None, print_blob=True)
-settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
+# No profile lets the wall clock decide a result: no deadline, and no "too slow" health check (a loaded machine
+# generates examples slower; that says nothing about the code).
+UNTIMED = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow], "print_blob": True}
+settings.register_profile("ci", derandomize=True, database=None, **UNTIMED)
+settings.register_profile("random", **UNTIMED)
+settings.register_profile("thorough", max_examples=2000, **UNTIMED)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +75,19 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         LEDGER.record_outcome(report.nodeid, report.outcome)
     elif report.when == "call":
         LEDGER.record_outcome(report.nodeid, "passed")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker: hand the ledger's counters to the controller, which prints the summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_ledger"] = LEDGER.counters()
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown when xdist is not loaded
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """On the pytest-xdist controller: add a finished worker's counters (its test outcomes came as reports)."""
+    LEDGER.add(getattr(node, "workeroutput", {}).get("fault_ledger", {}))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

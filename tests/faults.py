@@ -30,6 +30,14 @@ class Ledger:
         if self.outcomes.get(test_id) != "failed":
             self.outcomes[test_id] = outcome
 
+    def counters(self) -> dict[str, int]:
+        """What a pytest-xdist worker sends back to the controller (outcomes reach it as test reports)."""
+        return {name: value for name, value in vars(self).items() if name != "outcomes"}
+
+    def add(self, counters: dict[str, int]) -> None:
+        for name, value in counters.items():
+            setattr(self, name, getattr(self, name) + value)
+
     def count(self, outcome: str) -> int:
         return sum(1 for recorded in self.outcomes.values() if recorded == outcome)
 

@@ -55,6 +55,7 @@ def test_valid_csv_gives_typed_utc_frame(tmp_path: Path) -> None:
         (lambda rows: [rows[0].replace(",99,", ",100.2,")] + rows[1:], "low must be <= min(open, close) — line 2"),
         (lambda rows: [rows[0].replace(",100,101,99,", ",0,101,0,")] + rows[1:], "open must be > 0"),
         (lambda rows: [rows[0].replace(",101,", ",inf,")] + rows[1:], "'high' must be finite"),
+        (lambda rows: [rows[0].replace(",101,", ",1e300,")] + rows[1:], "'high' must be at most 1e+100 (the features square it) — line 2: 1e+300"),
         (lambda rows: [rows[1], rows[0]] + rows[2:], "strictly increasing (sort the file) — line 3"),
         (lambda rows: [rows[0].replace("Z,", ",")] + rows[1:], "ISO-8601 UTC"),
         (lambda rows: [rows[0].replace("Z,", "+09:00,")] + rows[1:], "ISO-8601 UTC"),

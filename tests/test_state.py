@@ -307,10 +307,11 @@ def test_ccxt_rows_and_arrays_are_taken_as_they_are(history: list[Candle]) -> No
 @pytest.mark.parametrize(
     ("candle", "message"),
     [
-        ((3_600_000, 2.0, 1.0, float("nan"), 1.0), r"'close' must be finite and > 0; got nan"),
-        ((3_600_000, 2.0, 0.0, 1.5, 1.0), r"'low' must be finite and > 0; got 0.0"),
-        ((3_600_000, float("inf"), 1.0, 1.5, 1.0), r"'high' must be finite and > 0; got inf"),
-        ((3_600_000, 2.0, 1.0, 1.5, -1.0), r"'volume' must be finite and >= 0; got -1.0"),
+        ((3_600_000, 2.0, 1.0, float("nan"), 1.0), r"'close' must be finite, > 0 and at most 1e\+100; got nan"),
+        ((3_600_000, 2.0, 0.0, 1.5, 1.0), r"'low' must be finite, > 0 and at most 1e\+100; got 0.0"),
+        ((3_600_000, float("inf"), 1.0, 1.5, 1.0), r"'high' must be finite, > 0 and at most 1e\+100; got inf"),
+        ((3_600_000, 2.0, 1.0, 1.5, -1.0), r"'volume' must be finite, >= 0 and at most 1e\+100; got -1.0"),
+        ((3_600_000, 2.0, 1.0, 1e300, 1.0), r"'close' must be finite, > 0 and at most 1e\+100; got 1e\+300"),
         ((3_600_000.5, 2.0, 1.0, 1.5, 1.0), "timestamp_ms must be whole epoch milliseconds"),
         ((3_600_000, 2.0, 1.0, 1.5), r"a candle has the fields .*; got 4"),
     ],

@@ -22,6 +22,7 @@ import pandas as pd
 
 from cryptoml.candles.timeframe import parse_timeframe
 from cryptoml.config import DataParams
+from cryptoml.features.kernels import MAX_INPUT
 from cryptoml.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ def _parse_numbers(frame: pd.DataFrame, where: _Locator) -> pd.DataFrame:
         infinite = np.flatnonzero(~np.isfinite(values))
         if infinite.size:
             where.fail(f"column {name!r} must be finite", infinite, lambda p, v=values: repr(float(v.iloc[p])))
+        huge = np.flatnonzero(values > MAX_INPUT)
+        if huge.size:
+            where.fail(f"column {name!r} must be at most {MAX_INPUT:g} (the features square it)", huge, lambda p, v=values: repr(float(v.iloc[p])))
         out[name] = values
     return out
 

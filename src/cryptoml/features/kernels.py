@@ -48,6 +48,10 @@ LIVE_WINDOW = 1000
 # market is >= ~1e-8 of the price; float error of the std computed here is ~1e-16 of the price.
 FLAT_RTOL = 1e-10
 
+# The largest price or volume the features take: the 20-bar variance sums squares, and a square of more than ~1e154
+# overflows float64, so a value far beyond any market's (1e100) is refused rather than turned into NaN features.
+MAX_INPUT = 1e100
+
 # numba.njit options FeatureManager compiles these kernels with (besides its on-disk cache), never fastmath, which
 # would reorder the arithmetic. Inlining keeps the buffers' reference counts out of the loop (~7x faster). They are
 # set here because numba's cache key holds the kernels' code but not these options: changing this file is what

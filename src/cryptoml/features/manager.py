@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cryptoml.features import kernels
-from cryptoml.features.kernels import FLAT_RTOL, LIVE_WINDOW
+from cryptoml.features.kernels import FLAT_RTOL, LIVE_WINDOW, MAX_INPUT
 from cryptoml.features.spec import (
     FEATURE_NAMES,
     FEATURE_PARAMS,  # noqa: F401  (not used here; importable from this module, as it was, with LIVE_WINDOW)
@@ -112,9 +112,9 @@ def _columns(ohlcv: pd.DataFrame) -> tuple[pd.DatetimeIndex, dict[str, np.ndarra
     for name, values in columns.items():
         lowest_allowed, expected = (np.nextafter(0.0, 1.0), "> 0") if name in PRICE_COLUMNS else (0.0, ">= 0")
         # min/max cover NaN and +-inf without building masks; the mask is built only to name the bad row.
-        if not (values.min() >= lowest_allowed and np.isfinite(values.max())):
-            row = int(np.argmin(np.isfinite(values) & (values >= lowest_allowed)))
-            raise ValueError(f"column {name!r} must be finite and {expected}; row {row} is {values[row]}")
+        if not (values.min() >= lowest_allowed and values.max() <= MAX_INPUT):
+            row = int(np.argmin((values >= lowest_allowed) & (values <= MAX_INPUT)))
+            raise ValueError(f"column {name!r} must be finite, {expected} and at most {MAX_INPUT:g}; row {row} is {values[row]}")
     return index, columns
 
 

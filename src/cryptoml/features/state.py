@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from cryptoml.features.kernels import FLAT_RTOL, LIVE_WINDOW, RECURSIONS_START, WINDOWS_START, advance_row, write_row
+from cryptoml.features.kernels import FLAT_RTOL, LIVE_WINDOW, MAX_INPUT, RECURSIONS_START, WINDOWS_START, advance_row, write_row
 from cryptoml.features.spec import FEATURE_NAMES, band_n_std, recursion_periods, warmup_rows, window_periods
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def parse_candle(row: Sequence[float]) -> Candle:
     candle = (timestamp_ms, float(high), float(low), float(close), float(volume))
     for name, value in zip(CANDLE_FIELDS[1:], candle[1:], strict=True):
         is_price = name != "volume"
-        if not (math.isfinite(value) and (value > 0.0 if is_price else value >= 0.0)):
+        if not ((value > 0.0 if is_price else value >= 0.0) and value <= MAX_INPUT):  # NaN fails both comparisons
             expected = "> 0" if is_price else ">= 0"
-            raise ValueError(f"candle {utc_text(timestamp_ms)}: {name!r} must be finite and {expected}; got {value}")
+            raise ValueError(f"candle {utc_text(timestamp_ms)}: {name!r} must be finite, {expected} and at most {MAX_INPUT:g}; got {value}")
     return candle
 
 
