@@ -41,8 +41,9 @@ RETRAIN_STEP = "cryptoml retrain (exit 0 promoted, 2 rejected, 1 failed; alerts 
 METRICS_TABLE = re.compile(r"^\|\s*Path\s*\|\s*Metric\s*\|", re.MULTILINE)
 PARAMS_TABLE = re.compile(r"^\|\s*Path\s*\|\s*Param\s*\|", re.MULTILINE)
 # CI's `make test` runs a small part of the suite inside the run (the whole suite takes minutes, and runs outside
-# with `make test`): the real Makefile target, narrowed through pytest's PYTEST_ADDOPTS to the workflow checks.
-CI_SELECTION = ("tests/test_workflows.py", "tests/test_workflow_runs.py")
+# with `make test`): the real Makefile target, narrowed through pytest's PYTEST_ADDOPTS to the workflow checks and
+# the committed-outputs check, which needs the whole git history (it skips itself in a shallow clone).
+CI_SELECTION = ("tests/test_workflows.py", "tests/test_workflow_runs.py", "tests/test_committed_outputs.py")
 
 
 def test_every_action_the_workflows_use_has_a_local_stand_in() -> None:
@@ -276,7 +277,9 @@ def test_ci_runs_make_test_on_a_push_to_main(github: LocalGitHub) -> None:
     counts = {key: int(suite.get(key, "0")) for key in ("tests", "failures", "errors")}
     assert counts["tests"] > 0 and counts["failures"] == counts["errors"] == 0, counts
     ran = {case.get("classname", "").rsplit(".", 1)[-1] for case in suite.iter("testcase")}
-    assert {"test_workflows", "test_workflow_runs"} <= ran
+    assert ran == {Path(name).stem for name in CI_SELECTION}
+    skipped = [case.get("name") for case in suite.iter("testcase") if case.find("skipped") is not None]
+    assert skipped == []  # none: the checkout has the history test_committed_outputs.py needs
 
 
 # --- a broken step ------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ def test_ci_runs_make_test_on_pushes_and_pull_requests() -> None:
     workflow = load("ci.yml")
     assert {"push", "pull_request"} <= set(triggers(workflow))
     assert "make test" in scripts(workflow)
+    [job] = workflow["jobs"].values()
+    assert job["steps"][0]["with"]["fetch-depth"] == 0  # tests/test_committed_outputs.py needs the history
 
 
 def test_pr_review_comments_the_diffs_against_main() -> None:
