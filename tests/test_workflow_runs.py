@@ -220,6 +220,20 @@ def test_pr_review_comments_the_metrics_params_and_plots_diffs(reviewed: Reviewe
     assert github.refs("refs/heads/") | github.refs("refs/tags/") == reviewed.refs_before
 
 
+@pytest.mark.workflows
+@pytest.mark.e2e
+@pytest.mark.parametrize("workflow", ["register.yml", "weekly-retrain.yml"])
+def test_a_manual_run_on_another_branch_than_main_changes_nothing(reviewed: Reviewed, workflow: str) -> None:
+    """Run workflow (workflow_dispatch) lets a person pick any branch: on the unmerged retrain branch, register must
+    not version its model and give it `prod` (the bots would pull an unreviewed model), nor retrain from it."""
+    github = reviewed.retrained.github
+    refs = github.refs("refs/heads/") | github.refs("refs/tags/")
+    event = github.dispatch_event(RETRAIN_BRANCH, {"until": UNTIL} if workflow == "weekly-retrain.yml" else {})
+    result = github.run(workflow, "workflow_dispatch", event, github.sha(RETRAIN_BRANCH))
+    assert result.returncode == 0 and result.steps == [], result.explain()  # the job's if: skips it
+    assert github.refs("refs/heads/") | github.refs("refs/tags/") == refs
+
+
 # --- register -------------------------------------------------------------------------------------------
 
 

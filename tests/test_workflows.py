@@ -114,6 +114,7 @@ def test_register_runs_on_pushes_to_main_one_at_a_time_and_pushes_the_tags() -> 
     assert workflow["concurrency"]["cancel-in-progress"] is False and workflow["concurrency"]["group"]
     assert workflow["permissions"] == {"contents": "write"}
     [job] = workflow["jobs"].values()
+    assert job["if"] == "github.ref == 'refs/heads/main'"  # a manual run on another branch must not assign prod
     assert job["steps"][0]["with"]["fetch-depth"] == 0
     [line] = re.findall(r"cryptoml register.*", scripts(workflow))
     register_options = {opt for param in get_command(app).commands["register"].params for opt in param.opts}
