@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup repro test test-slow test-faults test-hypothesis test-shuffled bench lock clean-venv dvc-remote
+.PHONY: setup repro test test-workflows test-slow test-faults test-hypothesis test-shuffled bench lock clean-venv dvc-remote
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	pytest --cov --cov-report=term --cov-fail-under=85 -m "not slow" --durations=15
+
+# The four GitHub workflows run end to end by act (self-hosted mode, no Docker), offline: a local bare repository as
+# origin, S3 on 127.0.0.1 as the DVC remote, local stand-ins for every `uses:` and for gh (docs/operations.md).
+test-workflows: $(STAMP)
+	pytest -m workflows --durations=10
 
 # Exploration, not CI: every Hypothesis test with 2,000 fresh random examples (tests/conftest.py's profiles).
 test-hypothesis: $(STAMP)

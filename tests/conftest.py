@@ -46,6 +46,17 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The workflow runs under act (marker `workflows`) take minutes: only a -m that names them selects them
+    (`make test-workflows`); `make test` and a bare `pytest` leave them out."""
+    if "workflows" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("workflows") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("workflows") is None]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """Count the examples hypothesis runs in fault tests, through its documented, replaceable `inner_test`."""

@@ -75,6 +75,8 @@ def test_ci_runs_make_test_on_pushes_and_pull_requests() -> None:
     workflow = load("ci.yml")
     assert {"push", "pull_request"} <= set(triggers(workflow))
     assert "make test" in scripts(workflow)
+    [job] = workflow["jobs"].values()
+    assert job["steps"][0]["with"]["fetch-depth"] == 0  # tests/test_committed_outputs.py needs the history
 
 
 def test_pr_review_comments_the_diffs_against_main() -> None:
@@ -112,6 +114,7 @@ def test_register_runs_on_pushes_to_main_one_at_a_time_and_pushes_the_tags() -> 
     assert workflow["concurrency"]["cancel-in-progress"] is False and workflow["concurrency"]["group"]
     assert workflow["permissions"] == {"contents": "write"}
     [job] = workflow["jobs"].values()
+    assert job["if"] == "github.ref == 'refs/heads/main'"  # a manual run on another branch must not assign prod
     assert job["steps"][0]["with"]["fetch-depth"] == 0
     [line] = re.findall(r"cryptoml register.*", scripts(workflow))
     register_options = {opt for param in get_command(app).commands["register"].params for opt in param.opts}
