@@ -36,7 +36,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     They are shown as one clear message and exit code 1, without a traceback. Input checks raise ValueError
     subclasses by convention, so ValueError is in the list.
     """
-    from cryptoml.candles.exchange import ExchangeFetchError
+    from cryptoml.candles.ccxt_client import ExchangeFetchError
     from cryptoml.model.artifacts import ArtifactError
     from cryptoml.model.executor import ExecutorError
 
