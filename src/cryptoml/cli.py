@@ -1,4 +1,8 @@
-"""`cryptoml <stage>`: arguments -> validated params -> one library call -> exit code."""
+"""`cryptoml <stage>`: arguments -> validated params -> one library call -> exit code.
+
+Every import beyond typer is made by the command that needs it, so that `cryptoml bot` loads neither pandas nor
+pydantic (cryptoml.config imports both): the bot's process stays small (tests/test_bot.py checks what it imports).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import logging
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cryptoml import paths
-from cryptoml.config import load_params
 from cryptoml.console import configure_logging
+
+if TYPE_CHECKING:
+    from cryptoml.config import Params
 
 app = typer.Typer(
     help="Train, check, version, promote and serve the cryptoml signal model.",
@@ -26,6 +32,13 @@ ModelOption = Annotated[Path, typer.Option("--model", help="model directory")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object (for machines)")]
 
 
+def load_params(path: Path) -> Params:
+    """params.yaml, validated by cryptoml.config (imported here: it loads pandas and pydantic)."""
+    from cryptoml.config import load_params as load_and_validate
+
+    return load_and_validate(path)
+
+
 def _candles_option(what: str) -> Any:
     return typer.Option("--input", help=f"{what} CSV: timestamp,open,high,low,close,volume (UTC, oldest first)")
 
@@ -37,10 +50,11 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     subclasses by convention, so ValueError is in the list.
     """
     from cryptoml.candles.ccxt_client import ExchangeFetchError
+    from cryptoml.live.feed import FeedError
     from cryptoml.model.artifacts import ArtifactError
     from cryptoml.model.executor import ExecutorError
 
-    return (ValueError, FileNotFoundError, ExchangeFetchError, ArtifactError, ExecutorError)
+    return (ValueError, FileNotFoundError, ExchangeFetchError, FeedError, ArtifactError, ExecutorError)
 
 
 def _command(func: Callable[..., None]) -> Callable[..., None]:
@@ -197,6 +211,29 @@ def monitor(
     if report.status != "ok":
         send_alert(alert_message(report))
     raise typer.Exit(code=report.exit_code)
+
+
+@app.command()
+@_command
+def bot(
+    paper: Annotated[bool, typer.Option("--paper", help="required: journal the model's positions; no order is ever placed")] = False,
+    replay: Annotated[
+        Path | None, typer.Option("--replay", help="feed this candle CSV's candles as if each had just closed, instead of polling the exchange")
+    ] = None,
+    journal: Annotated[Path, typer.Option("--journal", help="append-only journal (JSON lines); a restart resumes it")] = Path("paper-journal.jsonl"),
+    model_dir: ModelOption = paths.PRODUCTION_DIR,
+    params_file: ParamsOption = paths.PARAMS,
+    max_candles: Annotated[int | None, typer.Option("--max-candles", min=1, help="stop after journalling this many candles")] = None,
+) -> None:
+    """Paper-trade the served model: each closed candle's P(up), the trading rule's position and the paper P&L after
+    costs, appended to a crash-safe journal; follows pull-model between candles; flat on a missing or stale model."""
+    if not paper:
+        raise typer.BadParameter("only --paper exists: this bot journals positions and never places an order", param_hint="--paper")
+    from cryptoml.live.bot import run_paper_bot
+
+    count, last = run_paper_bot(journal, model_dir, params_file, replay, max_candles)
+    summary = f", last {last['t']}: position {last['position']}, paper equity {last['equity']:.6f}" if last else ""
+    typer.echo(f"{journal}: {count} candle(s) journalled{summary}")
 
 
 @app.command()
