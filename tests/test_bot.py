@@ -23,7 +23,7 @@ from cryptoml.cli import app
 from cryptoml.config import load_params
 from cryptoml.features.manager import FeatureManager
 from cryptoml.live.bot import BotSettings, PaperBot, read_settings
-from cryptoml.live.feed import ReplayFeed, epoch_ms
+from cryptoml.live.feed import ExchangeFeed, ReplayFeed, epoch_ms
 from cryptoml.live.journal import FORMAT, Journal, JournalError, read_journal
 from cryptoml.live.serving import ServingModel
 from cryptoml.model.artifacts import MODEL_NAMES, read_artifacts
@@ -32,6 +32,7 @@ from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.model.labels import build_dataset
 from cryptoml.model.rule import Holding, TradingRule
 from cryptoml.release.promotion import install_model
+from tests.fake_exchange import FakeBitbank
 from tests.test_cli import write_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -288,6 +289,7 @@ def test_no_trade_on_a_missing_unverifiable_or_stale_model(tmp_path: Path, repla
     shutil.copy(models[0] / graph.name, graph)
     bot.run(max_candles=200)
     lines = entries(tmp_path / "missing.jsonl")
+    assert np.all(np.diff([epoch_ms(line["t"]) for line in lines]) == 3_600_000)
     assert all(line["position"] == 0 and line["p_up"] is None and "no verified model" in line["flat_reason"] for line in lines[:20])
     assert "manifest missing" in lines[0]["flat_reason"] and "the manifest says" in lines[10]["flat_reason"]
     assert lines[20]["model_switch"] == {"from": None} and "flat_reason" not in lines[20]
@@ -304,6 +306,129 @@ def test_no_trade_on_a_missing_unverifiable_or_stale_model(tmp_path: Path, repla
     stale_lines = [line for line, age in zip(lines, ages, strict=True) if age > 30.0]
     assert fresh and stale_lines and all("flat_reason" not in line for line in fresh)
     assert all(line["position"] == 0 and line["p_up"] is not None and line["flat_reason"].startswith("stale model") for line in stale_lines)
+
+
+# --- the exchange: down, slow -----------------------------------------------------------------------------------
+
+
+class SimulatedClock:
+    """The bot's wall clock in a test: every sleep (a poll's wait, a retry's backoff) moves it on, instantly."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = now_ms
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now_ms += round(seconds * 1000)
+
+
+def exchange_bot(fake: FakeBitbank, clock: SimulatedClock, journal: Path, model_dir: Path, **options: float) -> PaperBot:
+    settings = {"max_retries": 2, "backoff_seconds": 0.001, "timeout_seconds": 2.0, **options}
+    feed = ExchangeFeed(
+        "bitbank", "BTC/JPY", "1h", api_url=fake.url, poll_seconds=3600.0, rate_limit_ms=1, rebuild_limit=5000,
+        clock_ms=clock, sleep=clock.sleep, timeout_seconds=settings["timeout_seconds"],
+        max_retries=int(settings["max_retries"]), backoff_seconds=settings["backoff_seconds"],
+    )
+    return PaperBot(feed, Journal(journal, {"feed": feed.name}, fsync=False), model_dir, BotSettings())
+
+
+@pytest.fixture
+def exchange_candles(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
+    """1,100 candles the fake bitbank serves, and a replay of the same candles from its 11th, the bot's first seed."""
+    candles = synthetic_candles(1100)
+    return candles, write_csv(candles.iloc[10:], tmp_path / "replay.csv")
+
+
+def journal_lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines()[1:]  # the header names the feed
+
+
+@pytest.mark.fault
+def test_an_exchange_down_for_two_polls_loses_no_candle_and_the_retries_are_bounded(
+    tmp_path: Path, exchange_candles: tuple[pd.DataFrame, Path], models: list[Path]
+) -> None:
+    candles, replay = exchange_candles
+    clock = SimulatedClock(epoch_ms(candles["timestamp"].iloc[1010].isoformat()))  # candle 1009 has just closed
+    with FakeBitbank(candles) as fake:
+        bot = exchange_bot(fake, clock, tmp_path / "live.jsonl", models[0])
+        bot.run(max_candles=1)  # seeded with candles 10..1009, journals 1009
+        day = fake.candle_path(candles["timestamp"].iloc[1010])
+        fake.fail(day, 503, times=2 * 3)  # two polls of 1 + max_retries 2 requests each
+        bot.run(max_candles=30)
+        assert fake.request_count(day) >= 2 * 3 + 1
+    # Each failed poll: 1 + max_retries requests, backoff_seconds * 2**attempt between them; then the next poll.
+    assert sorted(sleep for sleep in clock.sleeps if sleep != 3600.0) == [0.001, 0.001, 0.002, 0.002]
+    bot_over(replay, models[0], tmp_path / "replay.jsonl").run(max_candles=30)
+    assert journal_lines(tmp_path / "live.jsonl") == journal_lines(tmp_path / "replay.jsonl")
+
+
+@pytest.mark.fault
+def test_a_slow_exchange_times_out_and_is_retried(tmp_path: Path, exchange_candles: tuple[pd.DataFrame, Path], models: list[Path]) -> None:
+    candles, replay = exchange_candles
+    clock = SimulatedClock(epoch_ms(candles["timestamp"].iloc[1010].isoformat()))
+    with FakeBitbank(candles) as fake:
+        bot = exchange_bot(fake, clock, tmp_path / "live.jsonl", models[0], timeout_seconds=0.2)
+        bot.run(max_candles=1)
+        day = fake.candle_path(candles["timestamp"].iloc[1010])
+        fake.slow(day, 1.0)
+        bot.run(max_candles=3)
+    assert [sleep for sleep in clock.sleeps if sleep != 3600.0] == [0.001]  # one timeout, one retry
+    bot_over(replay, models[0], tmp_path / "replay.jsonl").run(max_candles=3)
+    assert journal_lines(tmp_path / "live.jsonl") == journal_lines(tmp_path / "replay.jsonl")
+
+
+# --- soak ---------------------------------------------------------------------------------------------------------
+
+# A fresh process replays the candles through PaperBot, its resident memory read after every `every` candles.
+SOAK = """
+import json, sys
+from pathlib import Path
+from cryptoml.live.bot import BotSettings, PaperBot
+from cryptoml.live.feed import ReplayFeed
+from cryptoml.live.journal import Journal
+
+def rss_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+
+csv, journal, model, every = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+feed = ReplayFeed(csv, 3_600_000)
+bot = PaperBot(feed, Journal(journal, {"feed": feed.name}, fsync=False), model, BotSettings())
+samples = []
+while bot.run(max_candles=(len(samples) + 1) * every) == (len(samples) + 1) * every:
+    samples.append(rss_mb())
+print(json.dumps({"journalled": bot.journalled, "rss_mb": samples}))
+"""
+# Resident memory may move this much from the first sample (after `every` candles) to the last: allocator noise,
+# never a per-candle cost (a leak of 100 bytes a candle would be 10 MB over the long soak).
+SOAK_RSS_GROWTH_MB = 3.0
+
+
+def soak(tmp_path: Path, model_dir: Path, candles: int, every: int) -> dict:
+    csv = write_csv(synthetic_candles(candles + SEED_CANDLES - 1, seed=11), tmp_path / "soak.csv")
+    result = subprocess.run(
+        [sys.executable, "-c", SOAK, str(csv), str(tmp_path / "soak.jsonl"), str(model_dir), str(every)],
+        capture_output=True, text=True, check=True,
+    )
+    report = json.loads(result.stdout)
+    assert report["journalled"] == candles
+    growth = max(report["rss_mb"]) - report["rss_mb"][0]
+    assert growth <= SOAK_RSS_GROWTH_MB, report["rss_mb"]
+    return report
+
+
+@pytest.mark.fault
+def test_a_soak_of_ten_thousand_candles_keeps_its_memory(tmp_path: Path, models: list[Path]) -> None:
+    soak(tmp_path, models[0], 10_000, 1_000)
+
+
+@pytest.mark.slow
+@pytest.mark.fault
+def test_a_soak_of_a_hundred_thousand_candles_keeps_its_memory(tmp_path: Path, models: list[Path]) -> None:
+    soak(tmp_path, models[0], 100_000, 5_000)
 
 
 # --- candles out of order -----------------------------------------------------------------------------------------

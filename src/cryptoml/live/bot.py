@@ -154,6 +154,7 @@ class PaperBot:
         self.recent: deque[Candle] = deque(maxlen=settings.seed_candles)
         self.last: Entry | None = journal.resume.last
         self._reseed_reason: str | None = None  # the state must be seeded afresh at the next candle, for this reason
+        self._started = False
         self.journalled = 0
 
     # --- model ----------------------------------------------------------------------------------------------
@@ -323,13 +324,13 @@ class PaperBot:
         self._journal(history[-1], self._seed(history, "start"))
 
     def run(self, max_candles: int | None = None) -> int:
-        """Poll, journal, wait, until the feed ends (a replay) or max_candles were journalled; the number journalled."""
-        started = False
+        """Poll, journal, wait, until the feed ends (a replay) or max_candles were journalled in all; the number
+        journalled by this bot."""
         while True:
             try:
-                if not started:
+                if not self._started:
                     self.start()
-                    started = True
+                    self._started = True
                 for candle in self.feed.poll(epoch_ms(self.last["t"])):  # type: ignore[index]
                     self.step(candle)
                     if max_candles is not None and self.journalled >= max_candles:
