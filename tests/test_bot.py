@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from cryptoml.candles.synthetic import simulate_candles
@@ -480,3 +481,24 @@ def test_the_journal_header_names_the_format_and_the_run(workdir: Path, replay_c
     }
     assert all(math.isfinite(line["equity"]) for line in lines)
     assert (workdir / "j.jsonl").read_text().count("\n") == 4 and json.loads((workdir / "j.jsonl").read_text().splitlines()[1])["seed"]
+
+
+# --- cryptoml monitor --journal ----------------------------------------------------------------------------------
+
+
+def test_monitor_reads_the_journal_for_live_performance(workdir: Path, replay_csv: Path) -> None:
+    model = fit_model(workdir / "model", 1, train_end="2024-02-01T00:00:00+00:00")  # before every journalled candle
+    bot = bot_over(replay_csv, model, workdir / "j.jsonl", max_model_age_days=1000.0)
+    bot.run(max_candles=400)
+    bot.journal.close()
+    result = runner.invoke(app, ["monitor", "--journal", "j.jsonl", "--json"])
+    assert result.exit_code in (0, 3), result.output
+    report = json.loads(result.stdout)
+    lines = entries(workdir / "j.jsonl")
+    close = np.array([line["close"] for line in lines])
+    labels = (close[1:] / close[:-1] - 1.0 > 3.0e-3).astype(int)
+    assert report["candles"] == 400 and report["scored_rows"] == 399
+    assert report["live_metrics"]["roc_auc"] == pytest.approx(roc_auc_score(labels, [line["p_up"] for line in lines[:-1]]), abs=1e-6)
+    assert report["paper_return"] == pytest.approx(lines[-1]["equity"] - 1.0, abs=1e-6)
+    assert report["trades"] == sum(1 for before, after in zip([0] + [line["position"] for line in lines], [line["position"] for line in lines]) if after > before)
+    assert runner.invoke(app, ["monitor"]).exit_code == 2  # neither --input nor --journal: a usage error

@@ -187,7 +187,8 @@ def predict(
 @app.command()
 @_command
 def monitor(
-    input_csv: Annotated[Path, _candles_option("recent candles")],
+    input_csv: Annotated[Path | None, _candles_option("recent candles")] = None,
+    journal: Annotated[Path | None, typer.Option("--journal", help="instead: the paper bot's journal (cryptoml bot --paper)")] = None,
     as_json: JsonOption = False,
     html_report: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML drift report here")] = None,
     model_dir: ModelOption = paths.PRODUCTION_DIR,
@@ -196,14 +197,26 @@ def monitor(
 ) -> None:
     """Feature drift, live performance and age of the production model on recent candles (limits: monitor: in params).
 
+    With --journal instead of --input: the paper bot's after-cost P&L, trades, flat candles, model switches and its
+    P(up)'s live scores (monitor.live rules) from its journal.
+
     Exit 0: ok. Exit 2: warn. Exit 3: alert. Exit 1: bad input. On warn or alert one message goes to the
     webhook in $CRYPTOML_ALERT_WEBHOOK (never printed).
     """
     from cryptoml.io import dump_json, write_bytes_atomic
     from cryptoml.live.alerts import send_alert
-    from cryptoml.live.monitoring import alert_message, format_report, parse_now, render_html, run_monitor
+    from cryptoml.live.monitoring import alert_message, format_journal_report, format_report, journal_report, parse_now, render_html, run_monitor
 
+    if (input_csv is None) == (journal is None):
+        raise typer.BadParameter("give --input (candles) or --journal (the paper bot's journal)", param_hint="--input / --journal")
     params = load_params(params_file)
+    if journal is not None:
+        record = journal_report(journal, params.label.horizon, params.label.threshold, params.monitor)
+        typer.echo(dump_json(record.as_json()) if as_json else format_journal_report(record), nl=False)
+        if record.status != "ok":
+            send_alert(format_journal_report(record))
+        raise typer.Exit(code=record.exit_code)
+    assert input_csv is not None
     report = run_monitor(input_csv, params.data.timeframe, model_dir, params.monitor, parse_now(now))
     if html_report is not None:
         write_bytes_atomic(html_report, render_html(report).encode())

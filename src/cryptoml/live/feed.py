@@ -157,7 +157,7 @@ class ExchangeFeed:
         clock_ms: Callable[[], int] | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        from cryptoml.candles import ccxt_client  # ccxt: tens of MB, only for a bot that polls an exchange
+        import cryptoml.candles.ccxt_client as ccxt_client  # ccxt: tens of MB, only for a bot that polls an exchange
 
         self._ccxt = ccxt_client
         self.exchange = ccxt_client.connect(exchange_id, api_url, rate_limit_ms, timeout_ms=round(timeout_seconds * 1000))
