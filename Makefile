@@ -43,6 +43,7 @@ bench: $(STAMP)
 	python bench/state.py
 	python bench/predict.py
 	python bench/serve.py
+	python bench/bot.py
 	python bench/walkforward.py
 
 # CI (after setup): the S3-compatible DVC remote given by the environment (DVC_REMOTE_URL, DVC_REMOTE_ENDPOINT),
