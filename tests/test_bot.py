@@ -481,6 +481,8 @@ def test_the_journal_header_names_the_format_and_the_run(workdir: Path, replay_c
     }
     assert all(math.isfinite(line["equity"]) for line in lines)
     assert (workdir / "j.jsonl").read_text().count("\n") == 4 and json.loads((workdir / "j.jsonl").read_text().splitlines()[1])["seed"]
+    refused = runner.invoke(app, ["bot", "--replay", str(replay_csv), "--journal", "other.jsonl", "--model", str(models[0])])
+    assert refused.exit_code == 2 and "only --paper exists" in refused.output and not (workdir / "other.jsonl").exists()
 
 
 # --- cryptoml monitor --journal ----------------------------------------------------------------------------------
