@@ -49,7 +49,7 @@ from cryptoml.candles.timeframe import timeframe_ms
 from cryptoml.features.state import GAP, CandleSequenceError, FeatureState
 from cryptoml.live.feed import Candle, ExchangeFeed, Feed, FeedError, ReplayFeed, epoch_ms, iso_utc
 from cryptoml.live.journal import SEED, Entry, Journal
-from cryptoml.live.serving import ServingModel
+from cryptoml.live.serving import ServingModel, recorded_data_end
 from cryptoml.model.artifacts import ArtifactError
 from cryptoml.model.rule import FLAT, Holding
 
@@ -129,12 +129,6 @@ def read_settings(path: Path) -> BotSettings:
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 
-def model_data_end_ms(version_info: Mapping[str, Any]) -> int | None:
-    """The open time of the last row the model was fitted on (train_end; older models record only data_end)."""
-    recorded = version_info.get("train_end", version_info.get("data_end"))
-    return None if recorded is None else epoch_ms(str(recorded))
-
-
 class PaperBot:
     """The loop of the module docstring over one feed, one journal and one served model directory."""
 
@@ -178,7 +172,8 @@ class PaperBot:
         """The entry's model fields at this candle, and why the bot must be flat (None: it may trade)."""
         if self.model is None:
             return {"model_sha256": None, "model_commit": None, "model_age_days": None, "in_training_window": None}, self._model_problem
-        data_end = model_data_end_ms(self.model.version_info)
+        recorded = recorded_data_end(self.model.version_info)
+        data_end = None if recorded is None else epoch_ms(recorded)
         close_ms = candle_ms + self.feed.timeframe_ms
         fields = {
             "model_sha256": self.model.model_sha256,
