@@ -19,12 +19,13 @@ import yaml
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from cryptoml.candles import ccxt_client
 from cryptoml.candles.synthetic import simulate_candles
 from cryptoml.cli import app
 from cryptoml.config import load_params
 from cryptoml.features.manager import FeatureManager
 from cryptoml.live.bot import BotSettings, PaperBot, read_settings
-from cryptoml.live.feed import ExchangeFeed, ReplayFeed, epoch_ms
+from cryptoml.live.feed import ExchangeFeed, ReplayFeed, epoch_ms, iso_utc
 from cryptoml.live.journal import FORMAT, Journal, JournalError, read_journal
 from cryptoml.live.serving import ServingModel
 from cryptoml.model.artifacts import MODEL_NAMES, read_artifacts
@@ -504,3 +505,19 @@ def test_monitor_reads_the_journal_for_live_performance(workdir: Path, replay_cs
     assert report["paper_return"] == pytest.approx(lines[-1]["equity"] - 1.0, abs=1e-6)
     assert report["trades"] == sum(1 for before, after in zip([0] + [line["position"] for line in lines], [line["position"] for line in lines]) if after > before)
     assert runner.invoke(app, ["monitor"]).exit_code == 2  # neither --input nor --journal: a usage error
+
+
+def test_the_command_polls_the_exchange_of_params_through_ccxt(workdir: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cryptoml bot --paper` without --replay: data.exchange's bitbank (a local fake serving the last 1,100 hours)."""
+    connect = ccxt_client.connect
+    monkeypatch.setattr(ccxt_client, "connect", lambda exchange_id, api_url, rate_limit_ms, timeout_ms=None: connect(exchange_id, api_url, 1, timeout_ms))
+    now = pd.Timestamp.now(tz="UTC").floor("h")
+    candles = simulate_candles(now - pd.Timedelta(hours=1100), now + pd.Timedelta(hours=2), "1h", 5)  # the last ones are forming
+    with FakeBitbank(candles) as fake:
+        write_params(workdir, {"data.exchange.api_url": fake.url, "data.exchange.backoff_seconds": 0.001})
+        output = run_bot("--journal", "live.jsonl", "--model", models[0], "--max-candles", "1")
+    header, lines = read_journal(workdir / "live.jsonl")
+    assert header["feed"] == "bitbank" and "1 candle(s) journalled" in output
+    last_closed = epoch_ms(lines[0]["t"])
+    assert last_closed in (epoch_ms(now.isoformat()) - 3_600_000, epoch_ms(now.isoformat()))  # the hour may turn during the test
+    assert lines[0]["seed"] == {"from": iso_utc(last_closed - 999 * 3_600_000), "candles": 1000, "reason": "start"}
