@@ -49,6 +49,7 @@ bench: $(STAMP)
 	python bench/state.py
 	python bench/predict.py
 	python bench/serve.py
+	python bench/bot.py
 	python bench/walkforward.py
 	python bench/rule.py
 	if [ -d ../shared/data ]; then python bench/real_candles.py; else echo "../shared/data not found: real-candle figures skipped"; fi

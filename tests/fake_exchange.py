@@ -49,9 +49,10 @@ Response = tuple[int, str, bytes]
 
 @dataclass
 class _Fault:
-    status: int
+    status: int | None  # None: answer normally, after delay_seconds
     remaining: int
     bitbank_code: int | None
+    delay_seconds: float = 0.0
 
 
 class FakeBitbank:
@@ -132,6 +133,11 @@ class FakeBitbank:
         with self._lock:
             self._faults[path] = _Fault(status, times, bitbank_code)
 
+    def slow(self, path: str, seconds: float, times: int = 1) -> None:
+        """Answer the next `times` requests for `path` correctly, but only after `seconds` (a slow exchange)."""
+        with self._lock:
+            self._faults[path] = _Fault(None, times, None, seconds)
+
     def request_count(self, path: str) -> int:
         with self._lock:
             return self._requests[path]
@@ -148,9 +154,13 @@ class FakeBitbank:
         with self._lock:
             self._requests[path] += 1
             fault = self._faults.get(path)
+            delay = 0.0
             if fault is not None and fault.remaining > 0:
                 fault.remaining -= 1
-                return _fault_response(fault)
+                if fault.status is not None:
+                    return _fault_response(fault)
+                delay = fault.delay_seconds
+        time.sleep(delay)
         if path == MARKETS_PATH:
             return _json_response(HTTPStatus.OK, _success({"pairs": [_pair_info(self.pair)]}))
         return self._candles_response(path)
@@ -176,11 +186,14 @@ def _handler_for(fake: FakeBitbank) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             status, content_type, body = fake.respond(urlsplit(self.path).path)
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (a timeout test): nothing to answer
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             """Silent: pytest output is for failures, not access logs."""

@@ -86,3 +86,34 @@ def test_the_bots_import_reaches_only_the_spec_the_manifest_the_rule_and_the_pat
     }
     assert cryptoml_imports(SOURCE / "cryptoml/model/artifacts.py") == {"cryptoml.features.spec", "cryptoml.model.rule"}
     assert cryptoml_imports(SOURCE / "cryptoml/model/rule.py") == set()
+
+
+FORBIDDEN_IN_THE_BOT = {"pandas", "numba", "llvmlite", "scipy", "sklearn", "lightgbm", "xgboost", "pydantic", "rich"}
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Top-level names imported by the module's own body (not inside a function, nor under `if TYPE_CHECKING`)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0] if not node.module.startswith("cryptoml") else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] if not alias.name.startswith("cryptoml") else alias.name for alias in node.names)
+    return found - {"__future__"}
+
+
+def test_the_bots_modules_reach_only_the_light_ones_and_no_heavy_library() -> None:
+    """The bot's loop, feed and journal (tests/test_bot.py checks the whole command's imports in a fresh process)."""
+    allowed = {
+        "cryptoml.candles.timeframe", "cryptoml.candles.ccxt_client", "cryptoml.features.state", "cryptoml.live.feed",
+        "cryptoml.live.journal", "cryptoml.live.serving", "cryptoml.model.artifacts", "cryptoml.model.rule",
+    }
+    for name in ("bot", "feed", "journal"):
+        path = SOURCE / "cryptoml" / "live" / f"{name}.py"
+        assert cryptoml_imports(path) <= allowed, name
+        assert third_party_imports(path) & FORBIDDEN_IN_THE_BOT == set(), name
+    assert "ccxt" not in module_level_imports(SOURCE / "cryptoml/live/feed.py"), "a replay must not load ccxt"
+    for light in ("candles/timeframe.py", "candles/ccxt_client.py", "console.py"):
+        assert module_level_imports(SOURCE / "cryptoml" / light) & FORBIDDEN_IN_THE_BOT == set(), light
+    cryptoml_modules = {name for name in module_level_imports(SOURCE / "cryptoml/cli.py") if name.startswith("cryptoml")}
+    assert cryptoml_modules <= {"cryptoml", "cryptoml.console"}, "cli imports the rest inside the commands"

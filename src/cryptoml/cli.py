@@ -1,4 +1,8 @@
-"""`cryptoml <stage>`: arguments -> validated params -> one library call -> exit code."""
+"""`cryptoml <stage>`: arguments -> validated params -> one library call -> exit code.
+
+Every import beyond typer is made by the command that needs it, so that `cryptoml bot` loads neither pandas nor
+pydantic (cryptoml.config imports both): the bot's process stays small (tests/test_bot.py checks what it imports).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import logging
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from cryptoml import paths
-from cryptoml.config import load_params
 from cryptoml.console import configure_logging
+
+if TYPE_CHECKING:
+    from cryptoml.config import Params
 
 app = typer.Typer(
     help="Train, check, version, promote and serve the cryptoml signal model.",
@@ -26,6 +32,13 @@ ModelOption = Annotated[Path, typer.Option("--model", help="model directory")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print one JSON object (for machines)")]
 
 
+def load_params(path: Path) -> Params:
+    """params.yaml, validated by cryptoml.config (imported here: it loads pandas and pydantic)."""
+    from cryptoml.config import load_params as load_and_validate
+
+    return load_and_validate(path)
+
+
 def _candles_option(what: str) -> Any:
     return typer.Option("--input", help=f"{what} CSV: timestamp,open,high,low,close,volume (UTC, oldest first)")
 
@@ -36,11 +49,12 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     They are shown as one clear message and exit code 1, without a traceback. Input checks raise ValueError
     subclasses by convention, so ValueError is in the list.
     """
-    from cryptoml.candles.exchange import ExchangeFetchError
+    from cryptoml.candles.ccxt_client import ExchangeFetchError
+    from cryptoml.live.feed import FeedError
     from cryptoml.model.artifacts import ArtifactError
     from cryptoml.model.executor import ExecutorError
 
-    return (ValueError, FileNotFoundError, ExchangeFetchError, ArtifactError, ExecutorError)
+    return (ValueError, FileNotFoundError, ExchangeFetchError, FeedError, ArtifactError, ExecutorError)
 
 
 def _command(func: Callable[..., None]) -> Callable[..., None]:
@@ -173,7 +187,8 @@ def predict(
 @app.command()
 @_command
 def monitor(
-    input_csv: Annotated[Path, _candles_option("recent candles")],
+    input_csv: Annotated[Path | None, _candles_option("recent candles")] = None,
+    journal: Annotated[Path | None, typer.Option("--journal", help="instead: the paper bot's journal (cryptoml bot --paper)")] = None,
     as_json: JsonOption = False,
     html_report: Annotated[Path | None, typer.Option("--html", help="also write a self-contained HTML drift report here")] = None,
     model_dir: ModelOption = paths.PRODUCTION_DIR,
@@ -182,14 +197,26 @@ def monitor(
 ) -> None:
     """Feature drift, live performance and age of the production model on recent candles (limits: monitor: in params).
 
+    With --journal instead of --input: the paper bot's after-cost P&L, trades, flat candles, model switches and its
+    P(up)'s live scores (monitor.live rules) from its journal.
+
     Exit 0: ok. Exit 2: warn. Exit 3: alert. Exit 1: bad input. On warn or alert one message goes to the
     webhook in $CRYPTOML_ALERT_WEBHOOK (never printed).
     """
     from cryptoml.io import dump_json, write_bytes_atomic
     from cryptoml.live.alerts import send_alert
-    from cryptoml.live.monitoring import alert_message, format_report, parse_now, render_html, run_monitor
+    from cryptoml.live.monitoring import alert_message, format_journal_report, format_report, journal_report, parse_now, render_html, run_monitor
 
+    if (input_csv is None) == (journal is None):
+        raise typer.BadParameter("give --input (candles) or --journal (the paper bot's journal)", param_hint="--input / --journal")
     params = load_params(params_file)
+    if journal is not None:
+        record = journal_report(journal, params.label.horizon, params.label.threshold, params.monitor)
+        typer.echo(dump_json(record.as_json()) if as_json else format_journal_report(record), nl=False)
+        if record.status != "ok":
+            send_alert(format_journal_report(record))
+        raise typer.Exit(code=record.exit_code)
+    assert input_csv is not None
     report = run_monitor(input_csv, params.data.timeframe, model_dir, params.monitor, parse_now(now))
     if html_report is not None:
         write_bytes_atomic(html_report, render_html(report).encode())
@@ -197,6 +224,29 @@ def monitor(
     if report.status != "ok":
         send_alert(alert_message(report))
     raise typer.Exit(code=report.exit_code)
+
+
+@app.command()
+@_command
+def bot(
+    paper: Annotated[bool, typer.Option("--paper", help="required: journal the model's positions; no order is ever placed")] = False,
+    replay: Annotated[
+        Path | None, typer.Option("--replay", help="feed this candle CSV's candles as if each had just closed, instead of polling the exchange")
+    ] = None,
+    journal: Annotated[Path, typer.Option("--journal", help="append-only journal (JSON lines); a restart resumes it")] = Path("paper-journal.jsonl"),
+    model_dir: ModelOption = paths.PRODUCTION_DIR,
+    params_file: ParamsOption = paths.PARAMS,
+    max_candles: Annotated[int | None, typer.Option("--max-candles", min=1, help="stop after journalling this many candles")] = None,
+) -> None:
+    """Paper-trade the served model: each closed candle's P(up), the trading rule's position and the paper P&L after
+    costs, appended to a crash-safe journal; follows pull-model between candles; flat on a missing or stale model."""
+    if not paper:
+        raise typer.BadParameter("only --paper exists: this bot journals positions and never places an order", param_hint="--paper")
+    from cryptoml.live.bot import run_paper_bot
+
+    count, last = run_paper_bot(journal, model_dir, params_file, replay, max_candles)
+    summary = f", last {last['t']}: position {last['position']}, paper equity {last['equity']:.6f}" if last else ""
+    typer.echo(f"{journal}: {count} candle(s) journalled{summary}")
 
 
 @app.command()

@@ -257,6 +257,16 @@ class MonitorParams(_Section):
         return self
 
 
+class BotParams(_Section):
+    """`cryptoml bot --paper`: how it polls and seeds; read by no DVC stage. The bot reads these keys with yaml alone
+    (cryptoml.live.bot.read_settings, which must agree with this schema: tests/test_bot.py), to stay without pandas."""
+
+    poll_seconds: float = Field(60.0, gt=0.0, allow_inf_nan=False)  # between two polls of the exchange
+    timeout_seconds: float = Field(10.0, gt=0.0, allow_inf_nan=False)  # of one request; retries: data.exchange
+    seed_candles: int = Field(1000, ge=1000)  # history a FeatureState is seeded from (>= LIVE_WINDOW: ready at once)
+    max_rebuild_candles: int = Field(5000, ge=1000)  # a restart re-reads at most this many candles from the exchange
+
+
 class Params(_Section):
     data: DataParams
     label: LabelParams = LabelParams()
@@ -268,6 +278,7 @@ class Params(_Section):
     gate: GateParams = GateParams()
     monitor: MonitorParams = MonitorParams()
     executor: ExecutorParams = ExecutorParams()
+    bot: BotParams = BotParams()
 
     @model_validator(mode="after")
     def _holdout_fits_the_window(self) -> Params:

@@ -1,4 +1,8 @@
-"""Terminal output: rich progress bars for a person at a terminal, plain log lines for CI and dvc logs."""
+"""Terminal output: rich progress bars for a person at a terminal, plain log lines for CI and dvc logs.
+
+rich is imported only when it draws (a terminal): the paper bot logs through configure_logging, and rich would cost
+its process memory under systemd, where nothing is a terminal.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 log = logging.getLogger("cryptoml")
 
@@ -33,6 +24,9 @@ def configure_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
     if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
         handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
@@ -64,6 +58,17 @@ def progress(description: str, total: int | None = None) -> Iterator[Callable[[i
         yield count
         log.info("%s: %d done", description, done)
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()] if total is not None else [TimeElapsedColumn()]
     with Progress(*columns, transient=True) as bar:

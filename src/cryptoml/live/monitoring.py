@@ -517,3 +517,103 @@ rows: <span class="key" style="background:{_REFERENCE_COLOUR}"></span>training
 {advice}
 </body></html>
 """
+
+
+# --- the paper bot's journal (`cryptoml monitor --journal`) ----------------------------------------------------
+
+JOURNAL_METRICS: tuple[str, ...] = ("roc_auc", "log_loss", "brier", "positive_rate")
+
+
+@dataclass(frozen=True)
+class JournalReport:
+    """The paper bot's live record: its after-cost P&L beside buy-and-hold, and its P(up) against what happened."""
+
+    status: Level
+    feed: str
+    candles: int
+    first: str
+    last: str
+    paper_return: float  # after costs, through the last journalled candle's position change
+    buy_and_hold_return: float  # close of the last candle / close of the first - 1
+    trades: int  # entries into a long position
+    long_fraction: float
+    costs: float  # sum of the per-change costs paid (fractions of the value traded)
+    flat_reasons: dict[str, int]  # candles forced flat, by the first words of the reason
+    model_switches: int
+    reseeds: int  # seeds after the first (gaps and restarts)
+    scored_rows: int  # rows with a P(up) and a known label, outside the model's training window
+    live_metrics: dict[str, float] | None
+    prior_log_loss: float | None
+    checks: list[Check]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    def as_json(self) -> dict[str, Any]:
+        return rounded_json({**asdict(self), "checks": [asdict(check) for check in self.checks]})
+
+
+def journal_report(path: Path, label_horizon: int, label_threshold: float, settings: MonitorParams) -> JournalReport:
+    """Read a journal (cryptoml.live.journal) and score it. Labels are params' label.horizon / label.threshold on
+    the journalled closes (consecutive entries, as the features read them); the class prior is these rows' own
+    positive rate, a baseline that knows the base rate in hindsight, so the log-loss rule is a strict one."""
+    from cryptoml.live.journal import read_journal
+
+    header, entries = read_journal(path)
+    if not entries:
+        raise ValueError(f"{path}: no candle journalled yet")
+    frame = pd.DataFrame(entries)
+    close = pd.Series(frame["close"].to_numpy(), index=pd.to_datetime(frame["t"], utc=True))
+    labels = make_labels(close, label_horizon, label_threshold)
+    scored = frame.set_index(close.index).loc[labels.index]
+    scored = scored[scored["p_up"].notna() & (scored["in_training_window"] != True)]  # noqa: E712 (None is not True)
+    y = labels.loc[scored.index].to_numpy()
+    metrics = prior = None
+    skipped_because = f"{len(y)} scored row(s) < monitor.min_rows={settings.min_rows}"
+    if len(y) >= settings.min_rows and len(np.unique(y)) == 2:
+        scores = classification_metrics(y, scored["p_up"].to_numpy(dtype=np.float64), 0.5)
+        metrics = {key: scores[key] for key in JOURNAL_METRICS}
+        prior = classification_metrics(y, np.full(len(y), y.mean()), 0.5)["log_loss"]
+    elif len(y) >= settings.min_rows:
+        skipped_because = f"all {len(y)} scored rows have label {int(y[0])}"
+    checks = live_checks(metrics, prior, settings.live, skipped_because)
+    last_reason = entries[-1].get("flat_reason")
+    if last_reason:
+        checks.append(Check("age", "flat", "warn", None, None, f"the bot is flat at {entries[-1]['t']}: {last_reason}"))
+    positions = frame["position"].to_numpy()
+    reasons = frame.get("flat_reason", pd.Series(dtype=object)).dropna()
+    return JournalReport(
+        status=overall_status(checks),
+        feed=str(header.get("feed")),
+        candles=len(entries),
+        first=entries[0]["t"],
+        last=entries[-1]["t"],
+        paper_return=float(entries[-1]["equity"]) - 1.0,
+        buy_and_hold_return=float(close.iloc[-1] / close.iloc[0] - 1.0),
+        trades=int(np.count_nonzero(np.diff(positions, prepend=0) == 1)),
+        long_fraction=float(positions.mean()),
+        costs=float(frame["cost"].sum()),
+        flat_reasons={str(reason): int(count) for reason, count in reasons.str.split(":").str[0].value_counts().items()},
+        model_switches=int(frame["model_switch"].notna().sum()) if "model_switch" in frame else 0,
+        reseeds=int(frame["seed"].notna().sum()) - 1 if "seed" in frame else 0,
+        scored_rows=len(y),
+        live_metrics=metrics,
+        prior_log_loss=prior,
+        checks=checks,
+    )
+
+
+def format_journal_report(report: JournalReport) -> str:
+    lines = [
+        f"status: {report.status.upper()}   paper bot journal ({report.feed}): {report.candles} candles, {report.first} .. {report.last}",
+        f"paper return after costs {report.paper_return:+.2%}   buy-and-hold {report.buy_and_hold_return:+.2%}   "
+        f"{report.trades} trade(s), long {report.long_fraction:.1%} of candles, costs {report.costs:.4f}",
+        f"model switches {report.model_switches}, re-seeds {report.reseeds}, "
+        f"flat candles by reason: {report.flat_reasons or 'none'}",
+        f"{report.scored_rows} rows scored (a P(up), a known label, after the model's training window)",
+    ]
+    if report.live_metrics:
+        lines.append("   ".join(f"{key} {value:.4f}" for key, value in report.live_metrics.items()) + f"   prior log_loss {report.prior_log_loss:.4f}")
+    lines += [f"[{check.level:>7}] {check.message}" for check in report.checks]
+    return "\n".join(lines) + "\n"

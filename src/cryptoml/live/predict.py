@@ -23,6 +23,7 @@ import pandas as pd
 from cryptoml.candles.store import read_csv_candles, summarize_candles, validate_candles
 from cryptoml.candles.timeframe import parse_timeframe
 from cryptoml.features.manager import LIVE_WINDOW, FeatureManager
+from cryptoml.live.serving import recorded_data_end
 from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.model.rule import Holding, TradingRule
 
@@ -82,7 +83,7 @@ def model_data_end(model: ProductionEnsemble) -> pd.Timestamp:
     (params data.end, `data_end`): their training rows ended months earlier, and for them that is all
     there is to go by.
     """
-    recorded = model.version_info_.get("train_end", model.version_info_.get("data_end"))
+    recorded = recorded_data_end(model.version_info_)
     if recorded is None:
         raise ValueError(
             f"model {model.model_sha256_} records neither train_end nor data_end in its version_info: its age is unknown; "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,13 @@ def requested_backend(backend: str | None) -> str | None:
         source = "backend" if backend is not None else f"environment variable {BACKEND_ENV}"
         raise ValueError(f"{source} is {chosen!r}; expected one of {list(BACKENDS)}")
     return chosen
+
+
+def recorded_data_end(version_info: Mapping[str, Any]) -> str | None:
+    """The time (ISO 8601) of the last row the model was fitted on, as its manifest records it: `train_end`; models
+    made before the production fit took every labelled row record only their window's end (`data_end`)."""
+    recorded = version_info.get("train_end", version_info.get("data_end"))
+    return None if recorded is None else str(recorded)
 
 
 def pack_graph(graph: bytes) -> bytes:
