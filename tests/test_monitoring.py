@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from cryptoml import paths
@@ -33,9 +34,9 @@ from cryptoml.live.monitoring import (
 )
 from cryptoml.live.predict import StaleModelError, run_predict
 from cryptoml.model.drift import PSI_EPSILON, bin_fractions, feature_reference, population_stability_index, reference_bins
-from cryptoml.pipeline import run_evaluate, run_features, run_fetch, run_promote, run_train
+from cryptoml.pipeline import TRAIN_PARAM_SECTIONS, run_evaluate, run_features, run_fetch, run_promote, run_train
 from cryptoml.release.promotion import METADATA_NAME
-from tests.repo import FAST_TRAINING
+from tests.repo import FAST_TRAINING, REPO_ROOT
 from tests.test_cli import write_params
 from tests.test_serving import write_candles_csv
 from tests.webhook import webhook_receiver
@@ -255,7 +256,10 @@ def test_the_training_metadata_holds_a_reproducible_reference_of_the_fitted_rows
     assert set(reference["features"]) == set(FEATURE_NAMES)
     assert reference["rows"] == json.loads(metadata_bytes)["training_info"]["samples_count"]
     assert production_metadata()["feature_reference"] == reference
-    assert "monitor" not in json.loads(metadata_bytes)["params"]
+    # Exactly the sections the train stage reads, and data (the window of the candles it trains on), so no other
+    # section's change makes its metadata stale.
+    train_stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]["params"]
+    assert set(json.loads(metadata_bytes)["params"]) == set(TRAIN_PARAM_SECTIONS) == {"data", *train_stage}
     run_train(load_params(paths.PARAMS))
     assert paths.TRAINING_METADATA.read_bytes() == metadata_bytes
 

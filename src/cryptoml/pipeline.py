@@ -111,6 +111,9 @@ def executor(params: Params) -> ExecutorSettings:
     return executor_settings(params.executor.kind, params.executor.workers, params.executor.scheduler)
 
 
+TRAIN_PARAM_SECTIONS = ("data", "label", "split", "retrain", "model", "costs", "trading")
+
+
 def run_train(params: Params) -> None:
     """train: walk-forward replay of the retrain policy, threshold, production fit on every labelled row -> models/training/."""
     from cryptoml.model.training import build_train_metrics, build_training_metadata, record_to_csv, run_training
@@ -138,8 +141,9 @@ def run_train(params: Params) -> None:
         git_commit=commit.sha,
         previous_version=None,
         feature_manager_version=FeatureManager.version,
-        # Sections read by no stage (monitor, executor): changing them must not change the model's metadata.
-        params=params.model_dump(mode="json", exclude={"monitor", "executor"}),
+        # The sections dvc.yaml's train stage reads, and the data window: a change to another one (the gate, the bot,
+        # monitoring) neither re-runs the stage nor may change the model's metadata.
+        params=params.model_dump(mode="json", include=set(TRAIN_PARAM_SECTIONS)),
         library_versions=result.ensemble.library_versions_,
     )
     write_json_atomic(paths.TRAINING_METADATA, metadata)
