@@ -20,7 +20,7 @@ repro: $(STAMP)
 	dvc repro
 
 test: $(STAMP)
-	pytest --cov --cov-report=term --cov-fail-under=85 -m "not slow" --durations=15
+	pytest -n auto --dist loadfile --cov --cov-report=term --cov-fail-under=85 -m "not slow" --durations=15
 
 # The four GitHub workflows run end to end by act (self-hosted mode, no Docker), offline: a local bare repository as
 # origin, S3 on 127.0.0.1 as the DVC remote, local stand-ins for every `uses:` and for gh (docs/operations.md).
