@@ -33,7 +33,7 @@ test-hypothesis: $(STAMP)
 
 # The suite in a shuffled order of files and tests (the seed is printed; --random-order-seed=N replays it).
 test-shuffled: $(STAMP)
-	pytest -p random_order --random-order -m "not slow"
+	pytest -n auto --dist loadfile -p random_order --random-order -m "not slow"
 
 test-slow: $(STAMP)
 	pytest -m slow

@@ -1,8 +1,9 @@
 """From the registry to the bot host, under real git, dvc and gto: versions, `prod`, rollback and pull-model.
 
 One story, built once: a repository with a local bare "origin" and a local-directory DVC remote; v1 and v2
-are promoted, committed, pushed and registered. The tests read it in order; the rollback test at the end
-changes it. Every failed rollback or pull is checked byte for byte against the files before it.
+are promoted, committed, pushed and registered. The tests read it in any order: the one that rolls back and
+pushes works on a copy of the repository and its origin (copy_story). Every failed rollback or pull is checked
+byte for byte against the files before it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,15 @@ def origin_tags(story: Story) -> dict[str, str]:
 
 def gto_show(repo: Path) -> dict[str, object]:
     return json.loads(run(["gto", "show", "--json"], repo).stdout)[NAME]
+
+
+def copy_story(story: Story, root: Path) -> Story:
+    """The story's repository and origin copied under `root`, the copy pushing to the copied origin; the DVC remote,
+    which the versions' .dvc/config name, is shared (a rollback only reads it)."""
+    shutil.copytree(story.root, root, symlinks=True, ignore=lambda directory, names: [story.dvc_remote.name] if Path(directory) == story.root else [])
+    copy = replace(story, root=root, repo=root / story.repo.name, origin=root / story.origin.name)
+    run(["git", "remote", "set-url", "origin", str(copy.origin)], copy.repo)
+    return copy
 
 
 def pull_model(story: Story, to: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -271,6 +281,7 @@ report.write_text(json.dumps({"loads": loads, "failures": failures, "reloads": r
 
 
 def test_a_rollback_reaches_the_bot_within_one_poll_and_the_reader_never_fails(story: Story, tmp_path: Path) -> None:
+    story = copy_story(story, tmp_path / "story")  # the rollback is committed, pushed and registered
     bot = tmp_path / "bot"
     pull_model(story, bot)
     v1_hash = json.loads(story.v1.files[MANIFEST_NAME])["model_sha256"]

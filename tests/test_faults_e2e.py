@@ -8,6 +8,7 @@ strings, and no output or file may contain them.
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 from collections.abc import Iterator
@@ -94,6 +95,9 @@ class Outage:
     commands: list[subprocess.CompletedProcess[str]]  # every command run with the secrets, for the secrets check
 
 
+OUTAGE_RUNS = itertools.count()
+
+
 @pytest.fixture(scope="module", params=["back-with-its-data", "restarted-empty"])
 def outage(request: pytest.FixtureRequest, concurrent_repros: ConcurrentRepros, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
     """Push the reproduced outputs through a proxy that goes down after half of the bytes, then retry once it is back.
@@ -113,8 +117,9 @@ def outage(request: pytest.FixtureRequest, concurrent_repros: ConcurrentRepros, 
     # About half of what the push uploads: the outputs' cache files, request headers aside.
     cache_bytes = sum(path.stat().st_size for path in (repo / ".dvc/cache/files").rglob("*") if path.is_file())
     with s3_server(BUCKET) as s3, cutting_proxy(urlsplit(s3.endpoint_url).port, cut_after=cache_bytes // 2) as proxy:
-        # moto keeps objects in process-wide memory across servers: a prefix of its own makes each remote start empty.
-        prefix = f"faults-{request.param}/"
+        # moto keeps objects in process-wide memory across servers: a prefix of its own makes each remote start empty
+        # (pytest builds this fixture again when a shuffled order interleaves the two params).
+        prefix = f"faults-{request.param}-{next(OUTAGE_RUNS)}/"
         run(["dvc", "remote", "add", "--force", "--default", "s3", f"s3://{BUCKET}/{prefix}"], repo)
         run(["dvc", "remote", "modify", "s3", "endpointurl", f"http://127.0.0.1:{proxy.port}"], repo)
         commit_all(repo, f"outputs, and a DVC remote ({request.param})")

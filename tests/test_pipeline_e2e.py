@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from cryptoml.features.manager import FEATURE_NAMES
-from tests.repo import commit_all, make_repo, run, set_params
+from tests.repo import commit_all, copy_repo, make_repo, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +44,8 @@ def test_second_repro_runs_nothing_and_tree_stays_clean(repro_repo: Path) -> Non
 
 
 @pytest.mark.fault
-def test_bad_csv_fails_the_stage_naming_the_line(repro_repo: Path) -> None:
+def test_bad_csv_fails_the_stage_naming_the_line(repro_repo: Path, tmp_path: Path) -> None:
+    repro_repo = copy_repo(repro_repo, tmp_path)  # dvc removes the stage's outputs before it runs
     csv = repro_repo / "data/external/candles.csv"
     csv.write_text(
         "timestamp,open,high,low,close,volume\n"
@@ -56,5 +57,3 @@ def test_bad_csv_fails_the_stage_naming_the_line(repro_repo: Path) -> None:
     assert result.returncode != 0
     assert "data/external/candles.csv: column 'close' must be numeric — line 3: 'oops'" in result.stderr + result.stdout
     assert not (repro_repo / "data/raw/ohlcv.parquet").exists()
-    run(["git", "checkout", "--", "params.yaml"], repro_repo)
-    csv.unlink()

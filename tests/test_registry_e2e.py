@@ -1,8 +1,8 @@
 """The model registry under real dvc and git: versions, history, rollback, clones, gate, experiments, plots.
 
 One repository tells one story, built once: a first challenger the gate rejects, v1 promoted and committed,
-v2 promoted and committed, each pushed to a local DVC remote. The tests then read it in order; a test that
-changes the workspace puts it back, except the rollback near the end, which commits its result.
+v2 promoted and committed, each pushed to a local DVC remote. The tests read it in any order: a test that changes
+the workspace puts it back, and one that commits or checks out another version works on a copy.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 
 from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.release.registry import RegistryError, production_changes, recorded_production
-from tests.repo import FAST_TRAINING, commit_all, make_repo, release, run, set_params
+from tests.repo import FAST_TRAINING, commit_all, copy_repo, make_repo, release, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -259,23 +259,24 @@ def test_fresh_clone_pulls_the_production_model_and_rolls_back_with_pull(story: 
     assert production_files(clone) == story.v1.files
 
 
-def test_rollback_restores_v1_byte_for_byte_and_a_clean_pipeline(story: Story) -> None:
-    report = run(["cryptoml", "rollback", story.v1.commit], story.repo).stdout
+def test_rollback_restores_v1_byte_for_byte_and_a_clean_pipeline(story: Story, tmp_path: Path) -> None:
+    repo = copy_repo(story.repo, tmp_path)  # the rollback is committed
+    report = run(["cryptoml", "rollback", story.v1.commit], repo).stdout
     assert f"{story.v2.model_hash} -> {story.v1.model_hash}" in report
-    assert production_files(story.repo) == story.v1.files
-    assert {name: (story.repo / name).read_bytes() for name in VERSIONED_FILES} == story.v1.versioned
-    rollback_commit = commit_all(story.repo, "roll back to v1")
-    assert_clean(story.repo)
-    assert "Running stage" not in run(["dvc", "repro"], story.repo).stdout
-    assert [(v.commit, v.model_hash) for v in production_changes(PROMOTION, cwd=story.repo)][1:] == [
+    assert production_files(repo) == story.v1.files
+    assert {name: (repo / name).read_bytes() for name in VERSIONED_FILES} == story.v1.versioned
+    rollback_commit = commit_all(repo, "roll back to v1")
+    assert_clean(repo)
+    assert "Running stage" not in run(["dvc", "repro"], repo).stdout
+    assert [(v.commit, v.model_hash) for v in production_changes(PROMOTION, cwd=repo)][1:] == [
         (story.v2.commit, story.v2.model_hash),
         (rollback_commit, story.v1.model_hash),
     ]
 
 
-def test_plain_git_and_dvc_checkout_restore_the_same_bytes(story: Story) -> None:
+def test_plain_git_and_dvc_checkout_restore_the_same_bytes(story: Story, tmp_path: Path) -> None:
+    repo = copy_repo(story.repo, tmp_path)
     for version in (story.v2, story.v1):
-        run(["git", "checkout", version.commit, "--", *VERSIONED_FILES], story.repo)
-        run(["dvc", "checkout"], story.repo)
-        assert production_files(story.repo) == version.files
-    run(["git", "checkout", "HEAD", "--", "."], story.repo)
+        run(["git", "checkout", version.commit, "--", *VERSIONED_FILES], repo)
+        run(["dvc", "checkout"], repo)
+        assert production_files(repo) == version.files

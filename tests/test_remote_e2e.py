@@ -103,8 +103,8 @@ def test_shallow_clone_gets_everything_from_the_remote_and_repro_runs_nothing(pu
     assert run(["git", "status", "--porcelain"], clone).stdout == ""
 
 
-def test_older_version_comes_back_from_the_remote_sha256_verified(published: Published) -> None:
-    clone = published.clone
+def test_older_version_comes_back_from_the_remote_sha256_verified(published: Published, tmp_path: Path) -> None:
+    clone = copy_repo(published.clone, tmp_path)  # checked out at the older version
     first, latest = published.model_hashes
     assert first != latest
     run(["git", "fetch", "--quiet", "--deepen", "1"], clone)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -262,15 +263,23 @@ def test_pull_request_body_shows_window_gate_and_diffs_against_main(workspace: W
 
 @dataclass(frozen=True)
 class Rejection:
+    workspace: Workspace  # the copy it ran in
     run: RetrainRun
     production_before: dict[str, bytes]
     new_alerts: list[object]
 
 
 @pytest.fixture(scope="module")
-def rejection(workspace: Workspace, promotion: Promotion) -> Rejection:
-    """The promotion's pull request merged into main, then a week later a retrain under an unreachable ROC AUC floor."""
+def rejection(workspace: Workspace, promotion: Promotion, tmp_path_factory: pytest.TempPathFactory) -> Rejection:
+    """The promotion's pull request merged into main, then a week later a retrain under an unreachable ROC AUC floor.
+
+    On a copy of the workspace and its origin (the DVC remote, which a rejection only reads, is shared), so that the
+    promotion's tests find the promotion, whatever the order.
+    """
+    root = Path(shutil.copytree(workspace.repo.parent, tmp_path_factory.mktemp("rejection") / "root", symlinks=True))
+    workspace = replace(workspace, repo=root / workspace.repo.name, origin=root / workspace.origin.name, pr_body=root / workspace.pr_body.name)
     repo = workspace.repo
+    run(["git", "remote", "set-url", "origin", str(workspace.origin)], repo)
     run(["git", "switch", "--quiet", "main"], repo)
     run(["git", "merge", "--quiet", "--ff-only", PROMOTION_BRANCH], repo)
     run(["git", "branch", "--quiet", "--delete", PROMOTION_BRANCH], repo)
@@ -283,12 +292,13 @@ def rejection(workspace: Workspace, promotion: Promotion) -> Rejection:
     retrained = cryptoml_retrain(
         workspace.repo, workspace.webhook.url, "--until", REJECTION_UNTIL, "--push", "--pr-body", str(workspace.pr_body)
     )
-    return Rejection(retrained, before, workspace.webhook.posts[alerts_before:])
+    return Rejection(workspace, retrained, before, workspace.webhook.posts[alerts_before:])
 
 
 @pytest.mark.e2e
 @pytest.mark.fault
-def test_rejection_alerts_exits_2_and_leaves_production_byte_identical(workspace: Workspace, rejection: Rejection) -> None:
+def test_rejection_alerts_exits_2_and_leaves_production_byte_identical(rejection: Rejection) -> None:
+    workspace = rejection.workspace
     assert rejection.run.exit_code == Outcome.REJECTED, rejection.run.output
     assert production_files(workspace.repo) == rejection.production_before
     decision = json.loads((workspace.repo / "metrics/promotion.json").read_text())
