@@ -33,10 +33,10 @@ from cryptoml.model.artifacts import MANIFEST_NAME, MODEL_NAMES, ONNX_GRAPH, Art
 from cryptoml.model.ensemble import ProductionEnsemble
 from cryptoml.model.labels import build_dataset
 from cryptoml.model.onnx_export import export_onnx
-from cryptoml.model.rule import LONG, Holding
+from cryptoml.model.rule import LONG, Holding, TradingRule
 from cryptoml.pipeline import production_metadata, run_evaluate, run_features, run_promote, run_train
-from cryptoml.release.promotion import METADATA_NAME, promote
-from tests.repo import FAST_TRAINING
+from cryptoml.release.promotion import METADATA_NAME, promote, read_production_metadata
+from tests.repo import FAST_TRAINING, OPEN_GATE
 from tests.test_cli import write_params
 from tests.test_ensemble import make_data, rewrite_model_section
 
@@ -450,6 +450,28 @@ def test_a_parity_failure_at_promotion_leaves_production_untouched(in_workspace:
     assert re.search(message, result.output)
     assert {path.name: path.read_bytes() for path in paths.PRODUCTION_DIR.iterdir()} == before
     assert not paths.PROMOTION_METRICS.exists()
+
+
+def test_a_sound_model_whose_rule_did_not_pay_is_served_with_the_flat_rule(workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The promote stage end to end: every statistical check open, an unreachable probabilistic-Sharpe floor."""
+    copy = Path(shutil.copytree(workspace, tmp_path / "workspace"))
+    monkeypatch.chdir(copy)
+    shutil.rmtree(paths.PRODUCTION_DIR)  # a first promotion: no champion to compare with
+    write_params(copy, {**FAST_TRAINING, **OPEN_GATE, "gate.min_rule_psr": 1.0})
+    params = load_params(paths.PARAMS)
+    run_evaluate(params)
+    challenger = ProductionEnsemble.load(paths.TRAINING_DIR)
+    assert challenger.rule.trades, "the challenger's own rule trades, so the floor applies"
+    decision = run_promote(params)
+    assert decision.promote and decision.flat_rule
+    served = ServingModel.load(paths.PRODUCTION_DIR)
+    assert served.rule == TradingRule.flat() and served.model_sha256 != challenger.model_sha256_
+    metadata = read_production_metadata(paths.PRODUCTION_DIR)
+    assert metadata is not None and metadata["model_sha256"] == metadata["version_control"]["model_hash"] == served.model_sha256
+    assert metadata["version_control"]["trained_model_hash"] == challenger.model_sha256_
+    assert metadata["trading_rule"]["entry"] is None and metadata["trading_rule"]["trained"]["entry"] == challenger.rule.entry
+    record = json.loads(paths.PROMOTION_METRICS.read_text())
+    assert (record["decision"], record["trading"], record["production"]["model_hash"]) == ("promoted", "flat", served.model_sha256)
 
 
 def test_promote_judges_the_champion_by_its_stored_predictions_without_loading_it(
