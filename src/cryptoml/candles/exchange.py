@@ -17,6 +17,7 @@ from cryptoml.candles.ccxt_client import (
     connect,
     exchange_timeframe_ms,
     fetch_page,
+    iso_ms,
     next_page_since,
 )
 from cryptoml.candles.store import CANDLE_COLUMNS
@@ -84,7 +85,7 @@ def candles_to_frame(candles: Sequence[Candle]) -> pd.DataFrame:
         first_ms = int(conflicting.iloc[0])
         raise ExchangeFetchError(
             f"the exchange returned different candles for the same open time "
-            f"{_iso(first_ms)} ({first_ms} ms): "
+            f"{iso_ms(first_ms)} ({first_ms} ms): "
             f"{frame.loc[frame['timestamp'] == first_ms].to_dict('records')}"
         )
     frame = frame.sort_values("timestamp", ignore_index=True)
@@ -99,9 +100,5 @@ def _epoch_ms(moment: pd.Timestamp, name: str) -> int:
     if moment.tzinfo is None:
         raise ValueError(f"{name} must be timezone-aware (UTC), got naive {moment}")
     return int(moment.tz_convert("UTC").value // 1_000_000)
-
-
-def _iso(epoch_ms: int) -> str:
-    return pd.Timestamp(epoch_ms, unit="ms", tz="UTC").isoformat()
 
 

@@ -95,14 +95,14 @@ def sortino_ratio(returns: np.ndarray, bars_per_year: float) -> float:
     return float(np.mean(returns)) / downside * math.sqrt(bars_per_year) if downside > 0.0 else 0.0
 
 
-def max_drawdown(equity: np.ndarray) -> float:
-    """Deepest fall from a running peak as a fraction <= 0 (-0.25: a quarter of the peak was lost)."""
-    return float(np.min(equity / np.maximum.accumulate(equity)) - 1.0)
-
-
 def drawdown(equity: np.ndarray) -> np.ndarray:
     """The fall from the running peak after each bar, a fraction <= 0."""
     return equity / np.maximum.accumulate(equity) - 1.0
+
+
+def max_drawdown(equity: np.ndarray) -> float:
+    """Deepest fall from a running peak as a fraction <= 0 (-0.25: a quarter of the peak was lost)."""
+    return float(np.min(drawdown(equity)))
 
 
 def probabilistic_sharpe(returns: np.ndarray, benchmark: float = 0.0) -> float:

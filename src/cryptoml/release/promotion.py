@@ -167,13 +167,14 @@ def compare_with_champion(
     y = labels.loc[shared].to_numpy()
     with_positions = all("position" in record.columns for record in (challenger, champion))
     bar_returns = next_bar_returns(shared, close)
-    earning = shared[np.isfinite(bar_returns)]
+    has_next_bar = np.isfinite(bar_returns)
+    earning, earning_returns = shared[has_next_bar], bar_returns[has_next_bar]
 
     def scores(record: pd.DataFrame) -> dict[str, float]:
         p_up = record.set_index("timestamp")["p_up"].loc[shared].to_numpy()
         figures = {key: value for key, value in classification_metrics(y, p_up, 0.5).items() if key in _COMPARED_METRICS}
         if with_positions:
-            figures["after_cost_return"] = _positions_return(record, earning, bar_returns[np.isfinite(bar_returns)], cost, periods_per_year(timeframe))
+            figures["after_cost_return"] = _positions_return(record, earning, earning_returns, cost, periods_per_year(timeframe))
         # Rounded like metrics/evaluate.json, so challenger and champion are compared at the same precision.
         return rounded_json(figures)
 
